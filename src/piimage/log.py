@@ -1,0 +1,78 @@
+"""Logging to stderr (results go to stdout) and progress bars for long work."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+log = logging.getLogger("piimage")
+
+_quiet = False
+
+
+def setup(verbosity: int) -> None:
+    """verbosity: -1 quiet (warnings only, no progress bars), 0 normal, 1+ debug."""
+    global _quiet
+    _quiet = verbosity < 0
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if verbosity <= 0 else "%(asctime)s %(name)s: %(message)s"))
+    root = logging.getLogger("piimage")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+class Progress:
+    """A byte/step progress bar on stderr; silent when quiet or stderr is not a terminal
+    (then it logs a line at start and at the end, so CI logs still show the work)."""
+
+    def __init__(self, label: str, total: int | None, unit: str = "B"):
+        self.label = label
+        self.total = total
+        self.unit = unit
+        self.done = 0
+        self._tty = sys.stderr.isatty() and not _quiet
+        self._last_pct = -1
+
+    def _fmt(self, n: int) -> str:
+        if self.unit != "B":
+            return f"{n} {self.unit}"
+        for u in ("B", "KiB", "MiB", "GiB"):
+            if n < 1024 or u == "GiB":
+                return f"{n:.0f} {u}" if u == "B" else f"{n:.1f} {u}"
+            n /= 1024  # type: ignore[assignment]
+        return str(n)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self._tty:
+            return
+        if self.total:
+            pct = min(100, int(self.done * 100 / self.total))
+            if pct == self._last_pct:
+                return
+            self._last_pct = pct
+            bar = "#" * (pct // 4)
+            sys.stderr.write(f"\r{self.label}: [{bar:<25}] {pct:3d}% {self._fmt(self.done)}")
+        else:
+            sys.stderr.write(f"\r{self.label}: {self._fmt(self.done)}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@contextmanager
+def progress(label: str, total: int | None, unit: str = "B") -> Iterator[Progress]:
+    p = Progress(label, total, unit)
+    if not p._tty:
+        log.info("%s …", label)
+    try:
+        yield p
+    finally:
+        p.close()

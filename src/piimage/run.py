@@ -1,0 +1,134 @@
+"""The one door for external commands: logging, output capture, failure messages, and
+making sure no child outlives an interrupt."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections import deque
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .errors import CommandError, MissingToolError
+from .log import log
+
+# Host tools → the Debian package that provides them (for the "missing tool" message).
+TOOL_PACKAGES = {
+    "qemu-img": "qemu-utils",
+    "qemu-aarch64-static": "qemu-user-static",
+    "qemu-aarch64": "qemu-user-static",
+    "qemu-system-aarch64": "qemu-system-arm",
+    "xz": "xz-utils",
+    "zstd": "zstd",
+    "gzip": "gzip",
+    "sfdisk": "fdisk",
+    "mkfs.vfat": "dosfstools",
+    "fsck.vfat": "dosfstools",
+    "mcopy": "mtools",
+    "mkfs.ext4": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "growpart": "cloud-guest-utils",
+    "mmdebstrap": "mmdebstrap",
+    "ssh-keygen": "openssh-client",
+    "bmaptool": "bmap-tools",
+    "losetup": "mount",
+    "mount": "mount",
+    "chroot": "coreutils",
+}
+
+TAIL_LINES = 25
+
+
+def require_tools(tools: Sequence[str]) -> None:
+    """Raise MissingToolError naming every missing tool and the apt packages that provide them."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    pkgs = sorted({TOOL_PACKAGES.get(t, t) for t in missing})
+    raise MissingToolError(
+        f"missing host tool{'s' if len(missing) > 1 else ''}: {', '.join(missing)}",
+        hint=f"install with: sudo apt-get install {' '.join(pkgs)}",
+    )
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        # Children run in their own process group so that a Ctrl-C reaches us first and we
+        # decide how they end; here we end the whole group.
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run(
+    cmd: Sequence[str | os.PathLike],
+    *,
+    what: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    input: bytes | None = None,
+    check: bool = True,
+    capture: bool = True,
+    on_line: Callable[[str], None] | None = None,
+    hint: str | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a command, stdout and stderr merged; on failure raise CommandError with the
+    output's tail. `on_line` sees each line as it comes (for progress). Children are
+    killed if we are interrupted."""
+    argv = [str(c) for c in cmd]
+    log.debug("$ %s", " ".join(argv))
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    lines: list[str] = []
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
+        env=full_env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        if input is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(input)
+            proc.stdin.close()
+        if capture:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                tail.append(line)
+                lines.append(line)
+                if on_line:
+                    on_line(line)
+                log.debug("  %s", line)
+        rc = proc.wait()
+    except BaseException:
+        _terminate(proc)
+        raise
+    out = "\n".join(lines)
+    if check and rc != 0:
+        raise CommandError(
+            f"{what or argv[0]} failed (exit {rc})",
+            returncode=rc,
+            output_tail="\n".join(tail),
+            hint=hint,
+        )
+    return subprocess.CompletedProcess(argv, rc, stdout=out, stderr="")

@@ -1,0 +1,36 @@
+"""Where piimage keeps things and which URLs it talks to; all overridable by environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Raspberry Pi Imager's list of images; the default source of the base image.
+DEFAULT_OS_LIST_URL = "https://downloads.raspberrypi.com/os_list_imagingutility_v4.json"
+DEFAULT_DOWNLOAD_HOST = "https://downloads.raspberrypi.com/"
+
+
+def cache_dir() -> Path:
+    """$PIIMAGE_CACHE, else $XDG_CACHE_HOME/piimage, else ~/.cache/piimage."""
+    env = os.environ.get("PIIMAGE_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "piimage" if xdg else Path.home() / ".cache" / "piimage"
+
+
+def os_list_url() -> str:
+    return os.environ.get("PIIMAGE_OS_LIST_URL") or DEFAULT_OS_LIST_URL
+
+
+def mirror() -> str | None:
+    """A base URL that replaces DEFAULT_DOWNLOAD_HOST in image URLs (a local mirror)."""
+    return os.environ.get("PIIMAGE_MIRROR") or None
+
+
+def guestfs_env() -> dict[str, str]:
+    """libguestfs settings for this kind of host: the direct backend, TCG unless told otherwise."""
+    return {
+        "LIBGUESTFS_BACKEND": os.environ.get("LIBGUESTFS_BACKEND", "direct"),
+        "LIBGUESTFS_BACKEND_SETTINGS": os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg"),
+    }
