@@ -4,6 +4,7 @@ making sure no child outlives an interrupt."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -112,13 +113,25 @@ def run(
             proc.stdin.close()
         if capture:
             assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                tail.append(line)
-                lines.append(line)
-                if on_line:
-                    on_line(line)
-                log.debug("  %s", line)
+            # Split on \r too: progress meters (qemu-img -p, xz -v) redraw one line with \r.
+            buf = b""
+            while True:
+                chunk = proc.stdout.read1(65536)
+                if chunk:
+                    buf += chunk
+                parts = re.split(rb"\r\n|\r|\n", buf)
+                buf = parts.pop() if chunk else b""
+                for raw in parts if chunk else parts + ([buf] if buf else []):
+                    line = raw.decode("utf-8", "replace")
+                    if not line.strip():
+                        continue
+                    tail.append(line)
+                    lines.append(line)
+                    if on_line:
+                        on_line(line)
+                    log.debug("  %s", line)
+                if not chunk:
+                    break
         rc = proc.wait()
     except BaseException:
         _terminate(proc)

@@ -1,0 +1,136 @@
+"""The command line: a thin click layer over build.py. The only place that knows exit codes:
+0 ok, 1 build failure, 2 bad input (inventory, arguments, missing tools), 130 interrupted."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from . import log as logmod
+from .errors import InventoryError, PiimageError
+from .log import log
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
+
+
+def _sigterm(signum, frame):  # noqa: ARG001
+    # SIGTERM (docker stop, CI cancel) takes the same path as Ctrl-C, so cleanup runs.
+    raise KeyboardInterrupt
+
+
+def _report(e: PiimageError) -> None:
+    if isinstance(e, InventoryError):
+        for p in e.problems:
+            click.echo(p, err=True)
+        click.echo(f"piimage: {e.message}; nothing was built", err=True)
+    else:
+        click.echo(f"piimage: error: {e.message}", err=True)
+    if e.detail:
+        for line in e.detail.splitlines():
+            click.echo(f"    {line}", err=True)
+    if e.hint:
+        click.echo(f"hint: {e.hint}", err=True)
+
+
+def handle_errors(fn):
+    """Run a command body; turn our exceptions into a message and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _sigterm)
+        try:
+            return fn(*args, **kwargs)
+        except PiimageError as e:
+            _report(e)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\npiimage: interrupted; cleaned up, nothing was published", err=True)
+            sys.exit(EXIT_INTERRUPT)
+
+    return wrapper
+
+
+def common_options(fn):
+    fn = click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv for commands' output).")(fn)
+    fn = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")(fn)
+    return fn
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    logmod.setup(-1 if quiet else verbose)
+
+
+inventory_option = click.option(
+    "-i", "--inventory", type=click.Path(path_type=Path, dir_okay=False),
+    help="cluster.yaml to use (default: ./cluster.yaml, else the built-in example cluster).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="piimage")
+def main() -> None:
+    """Build ready-to-flash Raspberry Pi OS images for a SLURM + MPI cluster, one per node."""
+
+
+@main.command()
+@inventory_option
+@click.option("--role", help="Role of the node to build (checked against the inventory).")
+@click.option("--hostname", help="Hostname of the node to build (must be in the inventory).")
+@click.option("--all", "all_nodes", is_flag=True, help="Build every node of the inventory (with --role: every node of that role).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("out"),
+              show_default=True, help="Output directory; images go to OUT/<cluster>/.")
+@click.option("--base", help="Base image: raspios-lite-arm64[-legacy], an https://….img.xz URL, or a local .img/.img.xz (overrides the inventory).")
+@click.option("--keep-workspace", is_flag=True, help="Keep the temporary workspace for debugging.")
+@common_options
+@handle_errors
+def build(inventory, role, hostname, all_nodes, out_dir, base, keep_workspace, verbose, quiet):
+    """Build flashable image(s): `--role compute --hostname node02`, or `--all`."""
+    _setup_logging(verbose, quiet)
+    from . import build as buildmod
+    from . import inventory as inv
+
+    cluster = inv.load(inventory)
+    nodes = inv.select_nodes(cluster, hostname=hostname, role=role, all_nodes=all_nodes)
+    bp = buildmod.plan(cluster, nodes, out_dir=out_dir, base=base, keep_workspace=keep_workspace)
+    for path in buildmod.execute(bp):
+        click.echo(str(path))
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), default=Path("."),
+              show_default=True, help="Where to write cluster.yaml and .piimage/secrets/.")
+@click.option("--force", is_flag=True, help="Overwrite an existing cluster.yaml.")
+@common_options
+@handle_errors
+def init(directory, force, verbose, quiet):
+    """Write an editable cluster.yaml and a private secrets directory."""
+    _setup_logging(verbose, quiet)
+    from . import inventory as inv
+
+    for path in inv.init(directory, force=force):
+        click.echo(str(path))
+    log.info("edit cluster.yaml, then: piimage build --all")
+
+
+@main.command()
+@inventory_option
+@common_options
+@handle_errors
+def check(inventory, verbose, quiet):
+    """Validate the inventory and list its nodes (nothing is downloaded or written)."""
+    _setup_logging(verbose, quiet)
+    from . import inventory as inv
+
+    cluster = inv.load(inventory)
+    click.echo(f"cluster {cluster.name}: {len(cluster.nodes)} nodes, base {cluster.base}")
+    for n in cluster.nodes:
+        click.echo(f"  {n.hostname:<16} {n.role:<10} {n.ip}")
+
+
+if __name__ == "__main__":
+    main()

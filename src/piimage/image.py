@@ -1,0 +1,275 @@
+"""The libguestfs door: the only module that imports guestfs.
+
+One appliance launch costs 12–17 s on a TCG-only host, so a `GuestSession` holds many
+drives (one per node overlay) and `Disk` objects work on one of them at a time by mounting
+its root partition at / and its FAT boot partition at /boot/firmware.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import BuildError, MissingToolError
+from .log import log
+from .settings import guestfs_env
+
+BOOT_MOUNT = "/boot/firmware"
+
+
+def _import_guestfs():
+    try:
+        import guestfs  # type: ignore[import-not-found]
+    except ImportError:
+        raise MissingToolError(
+            "the libguestfs Python binding (module 'guestfs') cannot be imported",
+            hint="install python3-guestfs and libguestfs-tools, and run piimage from a venv made from "
+            "/usr/bin/python3 with --system-site-packages (./scripts/piimage does this for you)",
+        ) from None
+    return guestfs
+
+
+@dataclass(frozen=True)
+class PasswdEntry:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+
+def parse_passwd(text: str) -> dict[str, PasswdEntry]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 7 and parts[0] and not line.startswith("#"):
+            out[parts[0]] = PasswdEntry(parts[0], int(parts[2]), int(parts[3]), parts[5], parts[6])
+    return out
+
+
+def parse_group(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 3 and parts[0]:
+            out[parts[0]] = int(parts[2])
+    return out
+
+
+class GuestSession:
+    """One libguestfs appliance holding `drives` (qcow2 overlays or raw files)."""
+
+    def __init__(self, drives: list[Path], *, readonly: bool = False):
+        self.drives = list(drives)
+        self.readonly = readonly
+        self.g = None
+
+    def __enter__(self) -> "GuestSession":
+        guestfs = _import_guestfs()
+        for k, v in guestfs_env().items():
+            os.environ.setdefault(k, v)
+        g = guestfs.GuestFS(python_return_dict=True)
+        self.g = g
+        try:
+            # The appliance's qemu runs in its own process group: a Ctrl-C reaches us, and we
+            # close the handle (which kills qemu) in __exit__.
+            g.set_pgroup(True)
+            for d in self.drives:
+                fmt = "qcow2" if str(d).endswith(".qcow2") else "raw"
+                g.add_drive_opts(str(d), format=fmt, readonly=self.readonly, cachemode="unsafe")
+            log.info("starting the libguestfs appliance (%d disk%s) …", len(self.drives), "s" if len(self.drives) != 1 else "")
+            g.launch()
+        except RuntimeError as e:
+            self._close()
+            raise BuildError(f"libguestfs could not start: {e}", hint="run with -v for details; "
+                             "LIBGUESTFS_DEBUG=1 LIBGUESTFS_TRACE=1 show the appliance log") from None
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def _close(self) -> None:
+        g, self.g = self.g, None
+        if g is None:
+            return
+        try:
+            g.close()  # kills the appliance if it is still running
+        except Exception:  # noqa: BLE001 - closing must never mask the real error
+            pass
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        g = self.g
+        if g is not None and exc_type is None:
+            try:
+                g.umount_all()
+                g.shutdown()  # flushes and checks the appliance exited cleanly
+            except RuntimeError as e:
+                self._close()
+                raise BuildError(f"libguestfs failed while finishing: {e}") from None
+        self._close()
+
+    def disks(self) -> list["Disk"]:
+        assert self.g is not None
+        devices = self.g.list_devices()
+        return [Disk(self, dev, path) for dev, path in zip(devices, self.drives)]
+
+
+class Disk:
+    """One drive of a session: partition table, disk identifier, and file operations while mounted."""
+
+    def __init__(self, session: GuestSession, device: str, path: Path):
+        self.s = session
+        self.device = device
+        self.path = path
+        self._passwd: dict[str, PasswdEntry] | None = None
+        self._groups: dict[str, int] | None = None
+
+    @property
+    def g(self):
+        assert self.s.g is not None
+        return self.s.g
+
+    # -- partitions and identity -------------------------------------------------------------
+    def partition(self, n: int) -> str:
+        parts = [p for p in self.g.list_partitions() if p.startswith(self.device)]
+        for p in parts:
+            if self.g.part_to_partnum(p) == n:
+                return p
+        raise BuildError(f"{self.path}: no partition {n} (found {', '.join(parts) or 'none'})")
+
+    def check_layout(self) -> None:
+        """Raspberry Pi OS layout: MBR, p1 FAT (boot), p2 ext4 (root)."""
+        ptype = self.g.part_get_parttype(self.device)
+        if ptype != "msdos":
+            raise BuildError(f"{self.path}: partition table is {ptype}, expected MBR (msdos) as on Raspberry Pi OS")
+        p1, p2 = self.partition(1), self.partition(2)
+        t1, t2 = self.g.vfs_type(p1), self.g.vfs_type(p2)
+        if t1 != "vfat" or t2 != "ext4":
+            raise BuildError(
+                f"{self.path}: expected a FAT boot partition and an ext4 root, found {t1 or 'nothing'} and {t2 or 'nothing'}"
+            )
+
+    def disk_id(self) -> str:
+        raw = self.g.pread_device(self.device, 4, 440)
+        return f"{int.from_bytes(raw, 'little'):08x}"
+
+    def set_disk_id(self, disk_id: str) -> None:
+        self.g.pwrite_device(self.device, int(disk_id, 16).to_bytes(4, "little"), 440)
+
+    # -- mounting -------------------------------------------------------------------------------
+    def mount(self) -> None:
+        self.g.umount_all()
+        self.g.mount(self.partition(2), "/")
+        if not self.g.is_dir(BOOT_MOUNT):
+            self.g.mkdir_p(BOOT_MOUNT)
+        self.g.mount(self.partition(1), BOOT_MOUNT)
+        self._passwd = self._groups = None
+
+    def umount(self) -> None:
+        self.g.sync()
+        self.g.umount_all()
+
+    # -- files ----------------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.g.exists(path)
+
+    def _lexists(self, path: str) -> bool:
+        parent = posixpath.dirname(path) or "/"
+        return self.g.is_dir(parent) and posixpath.basename(path) in self.g.ls(parent)
+
+    def read(self, path: str) -> bytes:
+        return self.g.read_file(path)
+
+    def read_text(self, path: str) -> str:
+        return self.read(path).decode("utf-8", "replace")
+
+    def passwd(self) -> dict[str, PasswdEntry]:
+        if self._passwd is None:
+            self._passwd = parse_passwd(self.read_text("/etc/passwd"))
+        return self._passwd
+
+    def groups(self) -> dict[str, int]:
+        if self._groups is None:
+            self._groups = parse_group(self.read_text("/etc/group"))
+        return self._groups
+
+    def forget_accounts(self) -> None:
+        self._passwd = self._groups = None
+
+    def ids(self, owner: str, group: str) -> tuple[int, int]:
+        users, groups = self.passwd(), self.groups()
+        if owner not in users:
+            raise BuildError(f"{self.path}: user '{owner}' does not exist in the image's /etc/passwd")
+        if group not in groups:
+            raise BuildError(f"{self.path}: group '{group}' does not exist in the image's /etc/group")
+        return users[owner].uid, groups[group]
+
+    def on_boot(self, path: str) -> bool:
+        return path == BOOT_MOUNT or path.startswith(BOOT_MOUNT + "/")
+
+    def mkdir_p(self, path: str) -> None:
+        self.g.mkdir_p(path)
+
+    def write(self, path: str, data: bytes, *, mode: int = 0o644, owner: str = "root", group: str | None = None) -> None:
+        """Write a file with its final owner and mode (FAT cannot store either: skipped there).
+        The content goes to a temporary name first, so a file is never seen half-written."""
+        parent = posixpath.dirname(path)
+        self.g.mkdir_p(parent)
+        if self.on_boot(path):
+            self.g.write(path, data)
+            return
+        uid, gid = self.ids(owner, group or owner)
+        tmp = f"{parent}/.piimage-{posixpath.basename(path)}"
+        self.g.write(tmp, data)
+        self.g.chown(uid, gid, tmp)
+        self.g.chmod(mode, tmp)
+        if self._lexists(path) and self.g.is_dir(path):
+            raise BuildError(f"{self.path}: {path} is a directory in the image, cannot write a file there")
+        self.g.mv(tmp, path)
+
+    def chmod_chown(self, path: str, mode: int, owner: str, group: str | None = None) -> None:
+        uid, gid = self.ids(owner, group or owner)
+        self.g.chown(uid, gid, path)
+        self.g.chmod(mode, path)
+
+    def symlink(self, target: str, path: str) -> None:
+        self.g.mkdir_p(posixpath.dirname(path))
+        self.g.ln_sf(target, path)
+
+    def remove_glob(self, pattern: str) -> list[str]:
+        parent, pat = posixpath.split(pattern)
+        if not self.g.is_dir(parent):
+            return []
+        gone = []
+        for name in self.g.ls(parent):
+            if fnmatch.fnmatch(name, pat):
+                full = posixpath.join(parent, name)
+                self.g.rm_rf(full)
+                gone.append(full)
+        return gone
+
+    def rename(self, src: str, dst: str) -> None:
+        self.g.mv(src, dst)
+
+    def walk_files(self, top: str) -> Iterator[str]:
+        for name in self.g.find(top):
+            full = posixpath.join(top, name)
+            if self.g.is_file(full):
+                yield full
+
+    def stat(self, path: str) -> dict:
+        return self.g.lstatns(path)
+
+    def readlink(self, path: str) -> str:
+        return self.g.readlink(path)
+
+    def unit_path(self, unit: str) -> str | None:
+        for d in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"):
+            p = f"{d}/{unit}"
+            if self._lexists(p) and not (self.g.is_symlink(p) and self.g.readlink(p) == "/dev/null"):
+                return p
+        return None
