@@ -22,7 +22,14 @@ stage.yaml:
       - {path: /etc/localtime, target: "/usr/share/zoneinfo/{{ cluster.timezone }}"}
     remove: [/etc/ssh/ssh_host_*]  # globs removed before files are written
     enable: [ssh.service]          # systemd units to enable (wants symlinks from [Install])
+    disable: [slurmd.service]      # systemd units to disable (their enablement symlinks removed)
     mask: [userconfig.service]     # systemd units to mask (-> /dev/null)
+    dirs:
+      - {path: /clusterfs, mode: "0755", owner: root, when: …}
+    users:                         # system accounts created offline (same UID on every node)
+      - {name: "{{ cluster_user.name }}", uid: "{{ cluster_user.uid }}", shell: /bin/bash}
+    append:                        # lines ensured in an existing file, under a section if given
+      - {path: /boot/firmware/config.txt, section: "[all]", lines: ["dtoverlay=rpi-poe"], when: …}
 """
 
 from __future__ import annotations
@@ -38,7 +45,11 @@ import yaml
 from .errors import UserError
 from . import render
 
-STAGE_KEYS = {"scope", "roles", "packages", "files", "links", "remove", "enable", "mask", "description"}
+STAGE_KEYS = {"scope", "roles", "packages", "files", "links", "remove", "enable", "disable", "mask", "description",
+              "dirs", "users", "append"}
+DIR_KEYS = {"path", "mode", "owner", "group", "when"}
+USER_KEYS = {"name", "uid", "home", "shell", "groups", "when"}
+APPEND_KEYS = {"path", "section", "lines", "when"}
 FILE_KEYS = {"path", "template", "source", "secret", "mode", "owner", "group", "when"}
 LINK_KEYS = {"path", "target", "when"}
 STAGE_DIR_RE = re.compile(r"^\d\d-[a-z0-9][a-z0-9-]*$")
@@ -64,6 +75,33 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class DirSpec:
+    path: str
+    mode: int = 0o755
+    owner: str = "root"
+    group: str | None = None
+    when: str | None = None
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    name: str
+    uid: str  # rendered, then int
+    home: str | None = None
+    shell: str = "/bin/bash"
+    groups: tuple[str, ...] = ()
+    when: str | None = None
+
+
+@dataclass(frozen=True)
+class AppendSpec:
+    path: str
+    lines: tuple[str, ...]
+    section: str | None = None
+    when: str | None = None
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     dir: Path
@@ -76,6 +114,10 @@ class Stage:
     remove: tuple[str, ...] = ()
     enable: tuple[str, ...] = ()
     mask: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    dirs: tuple[DirSpec, ...] = ()
+    users: tuple[UserSpec, ...] = ()
+    append: tuple[AppendSpec, ...] = ()
     script: Path | None = None
 
     def applies_to(self, role: str) -> bool:
@@ -101,6 +143,30 @@ class RenderedLink:
 
 
 @dataclass(frozen=True)
+class RenderedDir:
+    path: str
+    mode: int
+    owner: str
+    group: str
+
+
+@dataclass(frozen=True)
+class RenderedUser:
+    name: str
+    uid: int
+    home: str
+    shell: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RenderedAppend:
+    path: str
+    section: str | None
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class NodePlan:
     """Everything one node's stamp writes, decided before any image is opened."""
 
@@ -111,6 +177,10 @@ class NodePlan:
     remove: tuple[str, ...]
     enable: tuple[str, ...]
     mask: tuple[str, ...]
+    disable: tuple[str, ...] = ()
+    dirs: tuple[RenderedDir, ...] = ()
+    users: tuple[RenderedUser, ...] = ()
+    append: tuple[RenderedAppend, ...] = ()
 
 
 def _mode(value: Any, where: str, problems: list[str]) -> int:
@@ -184,6 +254,32 @@ def load_stage(d: Path) -> Stage:
             continue
         _unknown(lk, LINK_KEYS, w, problems)
         links.append(LinkSpec(str(lk["path"]), str(lk["target"]), lk.get("when")))
+    dirs = []
+    for i, x in enumerate(meta.get("dirs") or []):
+        w = f"{where0}: dirs[{i}]"
+        if not isinstance(x, dict) or "path" not in x:
+            problems.append(f"{w}: expected a mapping with 'path'")
+            continue
+        _unknown(x, DIR_KEYS, w, problems)
+        dirs.append(DirSpec(str(x["path"]), _mode(x.get("mode", "0755"), w, problems), str(x.get("owner", "root")),
+                            str(x["group"]) if "group" in x else None, x.get("when")))
+    users = []
+    for i, x in enumerate(meta.get("users") or []):
+        w = f"{where0}: users[{i}]"
+        if not isinstance(x, dict) or "name" not in x or "uid" not in x:
+            problems.append(f"{w}: expected a mapping with 'name' and 'uid'")
+            continue
+        _unknown(x, USER_KEYS, w, problems)
+        users.append(UserSpec(str(x["name"]), str(x["uid"]), x.get("home"), str(x.get("shell", "/bin/bash")),
+                              tuple(str(g) for g in x.get("groups") or ()), x.get("when")))
+    appends = []
+    for i, x in enumerate(meta.get("append") or []):
+        w = f"{where0}: append[{i}]"
+        if not isinstance(x, dict) or "path" not in x or not isinstance(x.get("lines"), list):
+            problems.append(f"{w}: expected a mapping with 'path' and a list of 'lines'")
+            continue
+        _unknown(x, APPEND_KEYS, w, problems)
+        appends.append(AppendSpec(str(x["path"]), tuple(str(v) for v in x["lines"]), x.get("section"), x.get("when")))
     script = d / "run-chroot.sh"
     if script.exists() and scope != "role":
         problems.append(f"{d}: run-chroot.sh is only allowed in role-scope stages")
@@ -203,6 +299,10 @@ def load_stage(d: Path) -> Stage:
         remove=tuple(str(r) for r in meta.get("remove") or ()),
         enable=tuple(str(u) for u in meta.get("enable") or ()),
         mask=tuple(str(u) for u in meta.get("mask") or ()),
+        disable=tuple(str(u) for u in meta.get("disable") or ()),
+        dirs=tuple(dirs),
+        users=tuple(users),
+        append=tuple(appends),
         script=script if script.exists() else None,
     )
 
@@ -236,6 +336,10 @@ def plan_node(
     remove: list[str] = []
     enable: list[str] = []
     mask: list[str] = []
+    disable: list[str] = []
+    dirs: dict[str, RenderedDir] = {}
+    users: dict[str, RenderedUser] = {}
+    appends: list[RenderedAppend] = []
     for st in stages:
         if st.scope != scope or not st.applies_to(role):
             continue
@@ -264,7 +368,33 @@ def plan_node(
                 continue
             p = render.render_string(env, lk.path, context, where)
             links[p] = RenderedLink(p, render.render_string(env, lk.target, context, where), st.name)
+        for i, x in enumerate(st.dirs):
+            where = f"{st.name}/stage.yaml: dirs[{i}]"
+            if x.when and not render.evaluate(env, x.when, context, where):
+                continue
+            p = render.render_string(env, x.path, context, where)
+            owner = render.render_string(env, x.owner, context, where)
+            group = render.render_string(env, x.group, context, where) if x.group else owner
+            dirs[p] = RenderedDir(p, x.mode, owner, group)
+        for i, u in enumerate(st.users):
+            where = f"{st.name}/stage.yaml: users[{i}]"
+            if u.when and not render.evaluate(env, u.when, context, where):
+                continue
+            name = render.render_string(env, u.name, context, where)
+            uid_text = render.render_string(env, u.uid, context, where)
+            if not uid_text.isdigit():
+                raise UserError(f"{where}: uid {uid_text!r} is not a number")
+            home = render.render_string(env, u.home, context, where) if u.home else f"/home/{name}"
+            users[name] = RenderedUser(name, int(uid_text), home, u.shell, u.groups)
+        for i, a in enumerate(st.append):
+            where = f"{st.name}/stage.yaml: append[{i}]"
+            if a.when and not render.evaluate(env, a.when, context, where):
+                continue
+            lines = tuple(render.render_string(env, v, context, where) for v in a.lines)
+            appends.append(RenderedAppend(render.render_string(env, a.path, context, where), a.section, lines))
         remove.extend(st.remove)
         enable.extend(u for u in st.enable if u not in enable)
         mask.extend(u for u in st.mask if u not in mask)
-    return NodePlan(hostname, role, tuple(files.values()), tuple(links.values()), tuple(remove), tuple(enable), tuple(mask))
+        disable.extend(u for u in st.disable if u not in disable)
+    return NodePlan(hostname, role, tuple(files.values()), tuple(links.values()), tuple(remove), tuple(enable),
+                    tuple(mask), tuple(disable), tuple(dirs.values()), tuple(users.values()), tuple(appends))

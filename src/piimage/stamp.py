@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .errors import BuildError
 from .image import Disk
 from .log import log
-from .stages import NodePlan
+from .stages import NodePlan, RenderedAppend, RenderedUser
 
 FIRST_USER_UID = 1000
 
@@ -164,19 +164,116 @@ def mask_unit(disk: Disk, unit: str) -> None:
     disk.symlink("/dev/null", f"/etc/systemd/system/{unit}")
 
 
+def disable_unit(disk: Disk, unit: str) -> None:
+    """What `systemctl disable` does, offline: remove its .wants/.requires links and aliases."""
+    base = "/etc/systemd/system"
+    for d in disk.g.ls(base):
+        if d.endswith((".wants", ".requires")) and disk.g.is_dir(f"{base}/{d}"):
+            disk.remove_glob(f"{base}/{d}/{unit}")
+    path = disk.unit_path(unit)
+    if path is not None and not path.startswith(base + "/"):
+        for a in _install_targets(disk.read_text(path))[2]:
+            disk.remove_glob(f"{base}/{a}")
+
+
+def ensure_user(disk: Disk, user: RenderedUser) -> None:
+    """A local account with a fixed UID (= GID), created offline like useradd would, so the
+    same user has the same UID on every node."""
+    users, groups = disk.passwd(), disk.groups()
+    if user.name in users:
+        if users[user.name].uid != user.uid:
+            raise BuildError(f"{disk.path}: user '{user.name}' exists with UID {users[user.name].uid}, not {user.uid}")
+    else:
+        taken = next((u.name for u in users.values() if u.uid == user.uid), None)
+        if taken:
+            raise BuildError(f"{disk.path}: UID {user.uid} for '{user.name}' is already used by '{taken}' in the image")
+        gtaken = next((n for n, g in groups.items() if g == user.uid and n != user.name), None)
+        if gtaken:
+            raise BuildError(f"{disk.path}: GID {user.uid} for '{user.name}' is already used by group '{gtaken}'")
+        days = 19000  # last password change: a fixed day keeps images reproducible
+        _append_line(disk, "/etc/passwd", f"{user.name}:x:{user.uid}:{user.uid}::{user.home}:{user.shell}")
+        _append_line(disk, "/etc/shadow", f"{user.name}:!:{days}:0:99999:7:::", secret_file=True)
+        if user.name not in groups:
+            _append_line(disk, "/etc/group", f"{user.name}:x:{user.uid}:")
+            _append_line(disk, "/etc/gshadow", f"{user.name}:!::", secret_file=True)
+    if user.groups:
+        text = disk.read_text("/etc/group")
+        out = []
+        for line in text.splitlines():
+            parts = line.split(":")
+            if len(parts) == 4 and parts[0] in user.groups:
+                members = [m for m in parts[3].split(",") if m]
+                if user.name not in members:
+                    parts[3] = ",".join(members + [user.name])
+            out.append(":".join(parts))
+        disk.write("/etc/group", ("\n".join(out) + "\n").encode())
+    disk.forget_accounts()
+    if not disk.exists(user.home):
+        disk.mkdir_p(user.home)
+        disk.chmod_chown(user.home, 0o700, user.name, user.name)
+
+
+def _append_line(disk: Disk, path: str, line: str, *, secret_file: bool = False) -> None:
+    if not disk.exists(path):
+        if secret_file:
+            return  # no shadow file in this image: nothing to add to
+        raise BuildError(f"{disk.path}: {path} is missing in the image")
+    st = disk.stat(path)
+    text = disk.read_text(path)
+    if text and not text.endswith("\n"):
+        text += "\n"
+    group = "shadow" if secret_file and "shadow" in disk.groups() else "root"
+    disk.write(path, (text + line + "\n").encode(), mode=st["st_mode"] & 0o7777, owner="root", group=group)
+
+
+def ensure_lines(disk: Disk, append: RenderedAppend) -> None:
+    """Make sure each line is in the file (under `section` when given, e.g. config.txt's [all])."""
+    if not disk.exists(append.path):
+        raise BuildError(f"{disk.path}: cannot add lines to {append.path}: it does not exist in the image")
+    text = disk.read_text(append.path)
+    present = {ln.strip() for ln in text.splitlines()}
+    missing = [ln for ln in append.lines if ln.strip() not in present]
+    if not missing:
+        return
+    if text and not text.endswith("\n"):
+        text += "\n"
+    if append.section:
+        headers = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("[")]
+        if not headers or headers[-1] != append.section:
+            text += f"\n{append.section}\n"
+    text += "".join(ln + "\n" for ln in missing)
+    st = disk.stat(append.path) if not disk.on_boot(append.path) else None
+    if st is None:
+        disk.write(append.path, text.encode())
+    else:
+        uid = st["st_uid"]
+        owner = next((u.name for u in disk.passwd().values() if u.uid == uid), "root")
+        disk.write(append.path, text.encode(), mode=st["st_mode"] & 0o7777, owner=owner, group=owner if owner in disk.groups() else "root")
+
+
 def apply_plan(disk: Disk, plan: NodePlan) -> list[WrittenFile]:
     """Write the plan's files (after its removals), links and unit states."""
     for pattern in plan.remove:
         for gone in disk.remove_glob(pattern):
             log.debug("%s: removed %s", disk.path.name, gone)
+    for u in plan.users:
+        ensure_user(disk, u)
+    for d in plan.dirs:
+        disk.mkdir_p(d.path)
+        if not disk.on_boot(d.path):
+            disk.chmod_chown(d.path, d.mode, d.owner, d.group)
     written = []
     for f in plan.files:
         disk.write(f.path, f.data, mode=f.mode, owner=f.owner, group=f.group)
         written.append(WrittenFile(f.path, hashlib.sha256(f.data).hexdigest(), f.mode, f.owner, f.stage))
         if not f.secret:
             log.debug("%s: wrote %s (%o %s)", disk.path.name, f.path, f.mode, f.owner)
+    for a in plan.append:
+        ensure_lines(disk, a)
     for lk in plan.links:
         disk.symlink(lk.target, lk.path)
+    for unit in plan.disable:
+        disable_unit(disk, unit)
     for unit in plan.enable:
         enable_unit(disk, unit)
     for unit in plan.mask:
