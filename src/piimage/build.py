@@ -12,17 +12,20 @@ import tempfile
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import fetch, secrets, settings
+from . import fetch, keys, settings
 from .errors import UserError
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
 from .log import log
 from .output import publish_image, update_manifest
 from .run import require_tools, run
+from .layers import ensure_layer
+from .layers import inputs_for as layer_inputs
+from .profiles import Profile, load_profiles
 from .stages import NodePlan, Stage, discover, plan_node
 from .stamp import Admin, node_disk_id, stamp
 
@@ -33,9 +36,17 @@ def data_dir() -> Path:
     candidates = [Path(env)] if env else []
     candidates.append(Path(__file__).resolve().parents[2])
     for c in candidates:
-        if (c / "stages").is_dir():
+        if (c / "stages").is_dir() and (c / "node-profiles").is_dir():
             return c
-    raise UserError("cannot find piimage's stages/ directory", hint="set PIIMAGE_DATA_DIR to the piimage checkout")
+    raise UserError("cannot find piimage's stages/ and node-profiles/", hint="set PIIMAGE_DATA_DIR to the piimage checkout")
+
+
+def profile_dirs(cluster: Cluster) -> list[Path]:
+    """Ours, then a `node-profiles/` folder beside the user's cluster.yaml (their own roles)."""
+    dirs = [data_dir() / "node-profiles"]
+    if cluster.source is not None:
+        dirs.append(cluster.source.parent / "node-profiles")
+    return dirs
 
 
 @dataclass(frozen=True)
@@ -43,45 +54,104 @@ class BuildPlan:
     cluster: Cluster
     base_spec: fetch.BaseSpec
     stages: tuple[Stage, ...]
+    profiles: dict[str, Profile]
     nodes: tuple[NodePlan, ...]
     out_dir: Path
     keep_workspace: bool = False
-    # facts for the manifest, filled while planning
-    info: dict[str, Any] = field(default_factory=dict)
 
 
-def node_context(cluster: Cluster, node: Node, host_keys: dict[str, str]) -> dict[str, Any]:
-    ctx = cluster.to_context()
-    nctx = dict(next(n for n in ctx["nodes"] if n["hostname"] == node.hostname))
-    nctx["nm_uuid"] = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{node.hostname}.{cluster.name}.piimage"))
-    nctx["disk_id"] = node_disk_id(cluster.name, node.hostname)
-    ctx["node"] = nctx
-    ctx["role"] = node.role
-    ctx["host_keys"] = host_keys
-    admin = dict(ctx["admin"])
-    admin.setdefault("group", admin["name"])
-    ctx["admin"] = admin
-    return ctx
+def _systemd_path_unit(path: str) -> str:
+    """systemd-escape --path: /clusterfs -> clusterfs, /srv/my-data -> srv-my\\x2ddata."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    out = []
+    for part in parts:
+        esc = "".join(c if (c.isalnum() or c in "_.:") and not (i == 0 and c == ".") else f"\\x{ord(c):02x}"
+                      for i, c in enumerate(part))
+        out.append(esc)
+    return "-".join(out) or "-"
+
+
+def node_context(cluster: Cluster, node: Node, profile: Profile, host_keys: dict[str, str],
+                 cluster_ssh_public: str) -> dict[str, Any]:
+    """The plain data every template sees (STYLE.md: data in, data out)."""
+    net = cluster.network
+
+    def hw(n: Node) -> dict[str, Any]:
+        h = getattr(n, "hardware", None) or cluster.hardware
+        return {"model": h.model, "cpus": h.cpus, "memory_mb": h.memory_mb}
+
+    def nd(n: Node) -> dict[str, Any]:
+        return {"hostname": n.hostname, "role": n.role, "ip": str(n.ip), **hw(n)}
+
+    nodes = [nd(n) for n in cluster.nodes]
+    head = next((x for x in nodes if x["role"] == "head"), None)
+    this = dict(next(x for x in nodes if x["hostname"] == node.hostname))
+    this["nm_uuid"] = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{node.hostname}.{cluster.name}.piimage"))
+    this["disk_id"] = node_disk_id(cluster.name, node.hostname)
+    cu = cluster.cluster_user
+    return {
+        "cluster": {"name": cluster.name, "timezone": cluster.timezone},
+        "network": {
+            "subnet": str(net.subnet),
+            "prefixlen": net.subnet.prefixlen,
+            "gateway": str(net.gateway),
+            "dns": [str(d) for d in net.dns],
+            "interface": net.interface,
+        },
+        "admin": {
+            "name": cluster.admin.name,
+            "home": f"/home/{cluster.admin.name}",
+            "group": cluster.admin.name,
+            "ssh_authorized_keys": list(cluster.admin.ssh_authorized_keys),
+        },
+        "hardware": {"model": cluster.hardware.model, "cpus": cluster.hardware.cpus,
+                     "memory_mb": cluster.hardware.memory_mb, "poe_hat": cluster.hardware.poe_hat},
+        "nodes": nodes,
+        "node": this,
+        "head": head,
+        "compute_nodes": [x for x in nodes if x["role"] == "compute"],
+        "partition": "cluster",
+        "role": node.role,
+        "packages": list(profile.packages),
+        "shared": {"path": cluster.shared.path, "device_uuid": cluster.shared.device_uuid,
+                   "unit": _systemd_path_unit(cluster.shared.path)},
+        "cluster_user": {"name": cu.name, "uid": cu.uid, "home": f"/home/{cu.name}"},
+        "host_keys": host_keys,
+        "cluster_ssh_public": cluster_ssh_public,
+    }
 
 
 def plan(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, base: str | None = None,
          keep_workspace: bool = False) -> BuildPlan:
     """Everything that can be decided without touching an image: a typo costs milliseconds."""
-    require_tools(["qemu-img"])
+    require_tools(["qemu-img", "cp"])
     _import_guestfs()
     if base:
         spec = fetch.parse_base_spec(base, None, relative_to=Path.cwd())
     else:
         spec = fetch.parse_base_spec(cluster.base, cluster.base_sha256, relative_to=cluster.base_dir)
+    profiles = load_profiles(profile_dirs(cluster))
+    for n in nodes:
+        if n.role not in profiles:
+            raise UserError(f"no node profile for role '{n.role}' (known: {', '.join(sorted(profiles))})")
     stage_list = discover([data_dir() / "stages", *cluster.stages])
-    secrets.ensure_secrets_dir(cluster.secrets_dir)
-    host_keys = {n.hostname: secrets.node_host_key(cluster.secrets_dir, n.hostname) for n in cluster.nodes}
+    host_keys = {n.hostname: keys.node_host_key(cluster.secrets_dir, n.hostname) for n in cluster.nodes}
+    cluster_key = keys.cluster_ssh_key(cluster.secrets_dir, cluster.name)
+    munge = keys.munge_key(cluster.secrets_dir)
     plans = []
     for node in nodes:
-        ctx = node_context(cluster, node, {h: k.public for h, k in host_keys.items()})
-        node_secrets = {"ssh_host_ed25519_key": host_keys[node.hostname].private}
-        plans.append(plan_node(stage_list, ctx, hostname=node.hostname, role=node.role, secrets=node_secrets))
-    return BuildPlan(cluster, spec, tuple(stage_list), tuple(plans), out_dir, keep_workspace)
+        profile = profiles[node.role]
+        ctx = node_context(cluster, node, profile, {h: k.public for h, k in host_keys.items()}, cluster_key.public)
+        node_secrets = {
+            "ssh_host_ed25519_key": host_keys[node.hostname].private,
+            "cluster_ssh_key": cluster_key.private,
+            "munge.key": munge,
+        }
+        p = plan_node(stage_list, ctx, hostname=node.hostname, role=node.role, secrets=node_secrets)
+        p = replace(p, enable=tuple(dict.fromkeys([*p.enable, *profile.enable])),
+                    disable=tuple(dict.fromkeys([*p.disable, *profile.disable])))
+        plans.append(p)
+    return BuildPlan(cluster, spec, tuple(stage_list), profiles, tuple(plans), out_dir, keep_workspace)
 
 
 def _clean_stale_workspaces(root: Path) -> None:
@@ -110,10 +180,15 @@ def execute(bp: BuildPlan) -> list[Path]:
             log.info("workspace kept at %s", ws)
         else:
             stack.callback(shutil.rmtree, ws, ignore_errors=True)
+        layers: dict[str, Path] = {}
+        for role in dict.fromkeys(p.role for p in bp.nodes):
+            inputs = layer_inputs(bp.profiles[role], list(bp.stages), base.sha256)
+            layers[role] = ensure_layer(base, inputs, list(bp.stages), apt_proxy=bp.cluster.apt.proxy,
+                                        apt_mirror=bp.cluster.apt.mirror)
         overlays = []
         for p in bp.nodes:
             ov = ws / f"{p.hostname}.qcow2"
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base.path), "-F", "raw", str(ov)],
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(layers[p.role]), "-F", "raw", str(ov)],
                 what=f"qemu-img create for {p.hostname}")
             overlays.append(ov)
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)
@@ -134,6 +209,7 @@ def execute(bp: BuildPlan) -> list[Path]:
                 "sha256": digest,
                 "size": final.stat().st_size,
                 "disk_id": node_disk_id(bp.cluster.name, p.hostname),
+                "role_layer": layers[p.role].name,
                 "files": [
                     {"path": w.path, "sha256": w.sha256, "mode": f"{w.mode:04o}", "owner": w.owner, "stage": w.stage}
                     for w in written[p.hostname]

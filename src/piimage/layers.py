@@ -1,0 +1,129 @@
+"""Role layers: the base image grown and with a role's packages installed (apt inside the
+arm64 root through QEMU user emulation), cached by a digest of everything that feeds it.
+Node stamps start from a layer, so adding a node or changing an address never re-runs apt."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import emulate, settings
+from .fetch import BaseImage
+from .fsutil import atomic_path
+from .log import log
+from .profiles import Profile
+from .run import run
+from .stages import Stage
+
+LAYER_FORMAT = 1  # bump when the way layers are made changes
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    role: str
+    base_sha256: str
+    packages: tuple[str, ...]
+    headroom_mb: int
+    stage_files: tuple[tuple[str, str], ...]  # (relative path, sha256) of role-scope stage files/scripts
+
+    def key(self) -> str:
+        doc = json.dumps(
+            {
+                "format": LAYER_FORMAT,
+                "role": self.role,
+                "base": self.base_sha256,
+                "packages": sorted(self.packages),
+                "headroom_mb": self.headroom_mb,
+                "stage_files": sorted(self.stage_files),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _stage_digests(stages: list[Stage], role: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for st in stages:
+        if st.scope != "role" or not st.applies_to(role):
+            continue
+        for p in sorted(st.dir.rglob("*")):
+            if p.is_file():
+                out.append((f"{st.name}/{p.relative_to(st.dir)}", hashlib.sha256(p.read_bytes()).hexdigest()))
+    return tuple(out)
+
+
+def inputs_for(profile: Profile, stages: list[Stage], base_sha256: str) -> LayerInputs:
+    role_stage_packages = [p for st in stages if st.scope == "role" and st.applies_to(profile.role) for p in st.packages]
+    packages = tuple(dict.fromkeys([*profile.packages, *role_stage_packages]))
+    return LayerInputs(profile.role, base_sha256, packages, profile.headroom_mb, _stage_digests(stages, profile.role))
+
+
+def layer_dir() -> Path:
+    return settings.cache_dir() / "layers"
+
+
+def layer_path(inputs: LayerInputs) -> Path:
+    return layer_dir() / f"{inputs.role}-{inputs.key()[:16]}.img"
+
+
+def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, apt_proxy: str | None = None,
+                 apt_mirror: str | None = None) -> Path:
+    """The cached layer for these inputs, building it if needed (whole or nothing)."""
+    final = layer_path(inputs)
+    if final.exists():
+        log.info("role layer %s: cached (%s)", inputs.role, final.name)
+        return final
+    t0 = time.monotonic()
+    log.info("role layer %s: building (packages: %s)", inputs.role, " ".join(inputs.packages) or "none")
+    emulate.check_host()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    apt_cache = settings.cache_dir() / "apt-archives" / "arm64"
+    apt_cache.mkdir(parents=True, exist_ok=True)
+    with atomic_path(final) as tmp:
+        # A sparse copy: the base's holes stay holes.
+        run(["cp", "--sparse=always", str(base.path), str(tmp)], what="copying the base image")
+        if inputs.headroom_mb:
+            emulate.grow_image(tmp, inputs.headroom_mb * 1024 * 1024)
+        with emulate.Chroot(tmp, apt_cache=apt_cache, apt_proxy=apt_proxy, apt_mirror=apt_mirror) as ch:
+            if inputs.packages:
+                ch.apt_install(list(inputs.packages))
+            for st in stages:
+                if st.scope == "role" and st.applies_to(inputs.role):
+                    _copy_role_files(ch.root, st)
+                    if st.script is not None:
+                        ch.run_script(st.script, what=f"{st.name}/run-chroot.sh")
+        meta = final.with_suffix(".json")
+        meta.write_text(json.dumps({"role": inputs.role, "key": inputs.key(), "packages": list(inputs.packages),
+                                    "base_sha256": inputs.base_sha256, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    "seconds": round(time.monotonic() - t0, 1)}, indent=2))
+    log.info("role layer %s: built in %.0f s", inputs.role, time.monotonic() - t0)
+    return final
+
+
+def _copy_role_files(root: Path, st: Stage) -> None:
+    """Role-scope stages copy files/ verbatim into the root (no node data exists at role level)."""
+    src = st.dir / "files"
+    if not src.is_dir():
+        return
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        dest = root / rel
+        if p.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dest)
+            os.chown(dest, 0, 0)
+
+
+def prune(keep: set[Path]) -> None:
+    """Remove layers not in `keep` (not called automatically)."""
+    for p in layer_dir().glob("*.img"):
+        if p not in keep:
+            p.unlink()
+            p.with_suffix(".json").unlink(missing_ok=True)
