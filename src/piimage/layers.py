@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import emulate, settings
 from .fetch import BaseImage
-from .fsutil import atomic_path
+from .fsutil import atomic_path, write_atomic
 from .log import log
 from .profiles import Profile
 from .run import run
@@ -64,7 +64,7 @@ def inputs_for(profile: Profile, stages: list[Stage], base_sha256: str) -> Layer
 
 
 def layer_dir() -> Path:
-    return settings.cache_dir() / "layers"
+    return settings.layer_cache_dir()
 
 
 def layer_path(inputs: LayerInputs) -> Path:
@@ -82,7 +82,7 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, a
     log.info("role layer %s: building (packages: %s)", inputs.role, " ".join(inputs.packages) or "none")
     emulate.check_host()
     final.parent.mkdir(parents=True, exist_ok=True)
-    apt_cache = settings.cache_dir() / "apt-archives" / "arm64"
+    apt_cache = settings.apt_cache_dir() / "arm64"
     apt_cache.mkdir(parents=True, exist_ok=True)
     with atomic_path(final) as tmp:
         # A sparse copy: the base's holes stay holes.
@@ -97,10 +97,10 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, a
                     _copy_role_files(ch.root, st)
                     if st.script is not None:
                         ch.run_script(st.script, what=f"{st.name}/run-chroot.sh")
-        meta = final.with_suffix(".json")
-        meta.write_text(json.dumps({"role": inputs.role, "key": inputs.key(), "packages": list(inputs.packages),
-                                    "base_sha256": inputs.base_sha256, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                    "seconds": round(time.monotonic() - t0, 1)}, indent=2))
+    write_atomic(final.with_suffix(".json"), json.dumps(
+        {"role": inputs.role, "key": inputs.key(), "packages": list(inputs.packages), "base_sha256": inputs.base_sha256,
+         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.monotonic() - t0, 1)},
+        indent=2))
     log.info("role layer %s: built in %.0f s", inputs.role, time.monotonic() - t0)
     return final
 

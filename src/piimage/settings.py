@@ -34,3 +34,15 @@ def guestfs_env() -> dict[str, str]:
         "LIBGUESTFS_BACKEND": os.environ.get("LIBGUESTFS_BACKEND", "direct"),
         "LIBGUESTFS_BACKEND_SETTINGS": os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg"),
     }
+
+
+def layer_cache_dir() -> Path:
+    """Role layers (apt under emulation: the slow part); $PIIMAGE_LAYER_CACHE to keep them apart."""
+    env = os.environ.get("PIIMAGE_LAYER_CACHE")
+    return Path(env) if env else cache_dir() / "layers"
+
+
+def apt_cache_dir() -> Path:
+    """Host-side apt archive cache shared by every role-layer build."""
+    env = os.environ.get("PIIMAGE_APT_CACHE")
+    return Path(env) if env else cache_dir() / "apt-archives"

@@ -1,0 +1,270 @@
+"""End to end: real stand-in base images served over loopback HTTP, real libguestfs, real
+apt under QEMU user emulation; every image is read back and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .readback import fsck_partitions, open_images
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+# Role layers are expensive (apt under emulation): keep them in the machine's own cache so a
+# later run reuses them; downloads and decompressed bases go to a fresh per-session cache, so
+# "downloaded once" is tested for real.
+PERSISTENT_CACHE = Path(os.environ.get("PIIMAGE_TEST_CACHE", Path.home() / ".cache" / "piimage"))
+
+CLUSTER_YAML = """\
+name: testcluster
+base: raspios-lite-arm64
+network:
+  subnet: 10.0.0.0/24
+  gateway: 10.0.0.1
+  dns: [10.0.0.1]
+  interface: eth0
+admin:
+  name: alice
+  ssh_authorized_keys:
+    - {key}
+timezone: Europe/London
+hardware:
+  model: pi4-2gb
+cluster_user: {{name: mpiuser, uid: 1500}}
+nodes:
+  - {{hostname: head, role: head, ip: 10.0.0.10}}
+  - {{hostname: node01, role: compute, ip: 10.0.0.11}}
+  - {{hostname: node02, role: compute, ip: {node02_ip}}}
+"""
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory, standin_trixie, standin_bookworm):
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ssh").mkdir(mode=0o700)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester@laptop", "-f",
+                    str(home / ".ssh" / "id_ed25519")], check=True)
+    e = dict(os.environ)
+    e.pop("SUDO_USER", None)
+    e.update(
+        HOME=str(home),
+        PIIMAGE_CACHE=str(tmp_path_factory.mktemp("cache")),
+        PIIMAGE_LAYER_CACHE=str(PERSISTENT_CACHE / "layers"),
+        PIIMAGE_APT_CACHE=str(PERSISTENT_CACHE / "apt-archives"),
+        PIIMAGE_OS_LIST_URL=standin_trixie.os_list_url,
+    )
+    return e
+
+
+def piimage(args: list[str], env: dict, cwd: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=3600)
+    if check_rc is not None and proc.returncode != check_rc:
+        pytest.fail(f"piimage {' '.join(args)} exited {proc.returncode}, expected {check_rc}:\n"
+                    f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def pubkey(env) -> str:
+    return (Path(env["HOME"]) / ".ssh" / "id_ed25519.pub").read_text().strip()
+
+
+def host_mounts_and_loops() -> tuple[str, str]:
+    mounts = Path("/proc/mounts").read_text()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return mounts, loops
+
+
+# --------------------------------------------------------------------------------------------
+# The README command, from the embedded default cluster, on the trixie stand-in.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def node02_default(env, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("default-cluster")
+    proc = piimage(["build", "--role", "compute", "--hostname", "node02"], env, cwd)
+    return cwd, proc
+
+
+def test_default_cluster_node02(node02_default, env):
+    cwd, proc = node02_default
+    out = cwd / "out" / "picluster"
+    img = out / "node02.img"
+    assert str(img.relative_to(cwd)) in proc.stdout or str(img) in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "node02.img", "node02.img.sha256"]
+    digest = subprocess.run(["sha256sum", str(img)], capture_output=True, text=True, check=True).stdout.split()[0]
+    assert (out / "node02.img.sha256").read_text() == f"{digest}  node02.img\n"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["nodes"]["node02"]["sha256"] == digest
+    assert manifest["nodes"]["node02"]["role"] == "compute"
+    assert len(manifest["base"]["sha256"]) == 64
+    assert any(f["path"] == "/etc/hostname" for f in manifest["nodes"]["node02"]["files"])
+    # sparse: far fewer blocks than bytes
+    st = img.stat()
+    assert st.st_blocks * 512 < st.st_size
+
+    key = pubkey(env)
+    with open_images([img]) as (v,):
+        with v.mounted():
+            assert v.text("/etc/hostname") == "node02\n"
+            hosts = v.text("/etc/hosts")
+            for i, h in enumerate(["head", "node01", "node02", "node03", "node04"]):
+                assert f"10.42.0.{10 + i}\t{h}" in hosts
+            assert "raspberrypi" not in hosts
+            nm = "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection"
+            assert v.mode(nm) == 0o600 and v.owner(nm) == (0, 0)
+            assert "address1=10.42.0.12/24,10.42.0.1" in v.text(nm)
+            assert "network: {config: disabled}" in v.text("/etc/cloud/cloud.cfg.d/99-piimage.cfg")
+            # the admin user replaced UID 1000 and has the key
+            assert v.uid_of("admin") == 1000
+            ak = "/home/admin/.ssh/authorized_keys"
+            assert key in v.text(ak)
+            assert v.mode(ak) == 0o600 and v.owner(ak) == (1000, 1000)
+            assert v.mode("/home/admin/.ssh") == 0o700 and v.owner("/home/admin/.ssh")[0] == 1000
+            assert "PasswordAuthentication no" in v.text("/etc/ssh/sshd_config.d/50-piimage.conf")
+            assert v.lexists("/etc/systemd/system/multi-user.target.wants/ssh.service")
+            assert v.readlink("/etc/systemd/system/userconfig.service") == "/dev/null"
+            assert v.text("/etc/machine-id") == ""
+            assert v.readlink("/etc/localtime").endswith("/Etc/UTC")
+            # identity: PARTUUIDs follow the new disk id; cmdline stays one line with resize
+            did = v.disk_id()
+            cmdline = v.text("/boot/firmware/cmdline.txt")
+            assert cmdline.count("\n") <= 1 and f"root=PARTUUID={did}-02" in cmdline
+            assert "resize" in cmdline
+            assert f"PARTUUID={did}-02" in v.text("/etc/fstab")
+            assert f"PARTUUID={did}-01" in v.text("/etc/fstab")
+            assert did == manifest["nodes"]["node02"]["disk_id"]
+            # host key 0600 root
+            assert v.mode("/etc/ssh/ssh_host_ed25519_key") == 0o600
+    results = fsck_partitions(img)
+    for tool, r in results.items():
+        assert r.returncode == 0, f"{tool}: {r.stdout}{r.stderr}"
+
+
+# --------------------------------------------------------------------------------------------
+# A three-node cluster with --all: issue 2's --all and issue 3's cluster services.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def cluster_all(env, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cluster")
+    (cwd / "cluster.yaml").write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.12"))
+    before = host_mounts_and_loops()
+    proc = piimage(["build", "--all"], env, cwd)
+    return cwd, proc, before
+
+
+def test_all_nodes_distinct_identities(cluster_all):
+    cwd, proc, _ = cluster_all
+    out = cwd / "out" / "testcluster"
+    imgs = [out / f"{h}.img" for h in ("head", "node01", "node02")]
+    assert all(p.exists() for p in imgs)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left in out/"
+    with open_images(imgs) as views:
+        ids, hostkeys = set(), set()
+        for v, h in zip(views, ("head", "node01", "node02")):
+            with v.mounted():
+                assert v.text("/etc/hostname") == f"{h}\n"
+                ids.add(v.disk_id())
+                hostkeys.add(v.text("/etc/ssh/ssh_host_ed25519_key.pub"))
+                known = v.text("/etc/ssh/ssh_known_hosts")
+                assert all(f"{n}," in known for n in ("head", "node01", "node02"))
+        assert len(ids) == 3 and len(hostkeys) == 3
+
+
+def test_cluster_services(cluster_all):
+    cwd, proc, before = cluster_all
+    out = cwd / "out" / "testcluster"
+    imgs = [out / f"{h}.img" for h in ("head", "node01", "node02")]
+    secrets = cwd / ".piimage" / "secrets"
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    munge_key = (secrets / "munge.key").read_bytes()
+    assert (secrets / "munge.key").stat().st_mode & 0o777 == 0o600
+    confs = {}
+    with open_images(imgs) as (head, n1, n2):
+        for v, role in ((head, "head"), (n1, "compute"), (n2, "compute")):
+            with v.mounted():
+                pk = v.dpkg_installed()
+                need = {"munge", "slurm-client", "openmpi-bin", "python3-mpi4py"}
+                need |= {"slurmctld", "nfs-kernel-server", "chrony"} if role == "head" else {"slurmd", "nfs-common"}
+                assert need <= pk, f"{v.path.name}: missing {need - pk}"
+                # munge: the cluster's key, owned by this image's munge user, 0400
+                assert v.read("/etc/munge/munge.key") == munge_key
+                assert v.owner("/etc/munge/munge.key") == (v.uid_of("munge"), v.gid_of("munge"))
+                assert v.mode("/etc/munge/munge.key") == 0o400
+                confs[v.path.name] = v.read("/etc/slurm/slurm.conf")
+                wants = v.ls("/etc/systemd/system/multi-user.target.wants")
+                assert "munge.service" in wants
+                if role == "head":
+                    assert "slurmctld.service" in wants and "slurmd.service" not in wants
+                    assert "10.0.0.0/24(rw,sync,no_subtree_check,no_root_squash)" in v.text("/etc/exports.d/piimage.exports")
+                    assert "allow 10.0.0.0/24" in v.text("/etc/chrony/conf.d/piimage.conf")
+                    assert "node01 slots=4" in v.text("/clusterfs/hostfile")
+                else:
+                    assert "slurmd.service" in wants and "slurmctld.service" not in wants
+                    assert "What=head:/clusterfs" in v.text("/etc/systemd/system/clusterfs.mount")
+                    assert v.lexists("/etc/systemd/system/remote-fs.target.wants/clusterfs.automount")
+                    assert "NTP=10.0.0.10" in v.text("/etc/systemd/timesyncd.conf.d/piimage.conf")
+                # cluster user: same UID everywhere, the cluster keypair
+                assert v.uid_of("mpiuser") == 1500
+                assert v.mode("/home/mpiuser/.ssh/id_ed25519") == 0o600
+                assert v.owner("/home/mpiuser/.ssh/id_ed25519")[0] == 1500
+                assert v.read("/home/mpiuser/.ssh/authorized_keys").strip() == \
+                    v.read("/home/mpiuser/.ssh/id_ed25519.pub").strip()
+                # nothing of the package step is left behind
+                assert not v.lexists("/usr/sbin/policy-rc.d")
+                assert [f for f in v.ls("/var/lib/apt/lists") if f not in ("partial", "lock", "auxfiles")] == []
+                assert v.ls("/var/cache/apt/archives") in ([], ["partial"], ["lock", "partial"], ["partial", "lock"])
+    assert len(set(confs.values())) == 1
+    conf = next(iter(confs.values())).decode()
+    assert "SlurmctldHost=head(10.0.0.10)" in conf
+    assert "NodeName=node01 NodeAddr=10.0.0.11 CPUs=4 RealMemory=1800" in conf
+    assert "NodeName=node02 NodeAddr=10.0.0.12" in conf
+    assert "NodeName=head" not in conf
+    # nothing stayed mounted or attached on the host
+    assert host_mounts_and_loops() == before
+
+
+def test_changed_ip_reuses_role_layers(cluster_all, env):
+    cwd, first, _ = cluster_all
+    (cwd / "cluster.yaml").write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.22"))
+    proc = piimage(["build", "--all"], env, cwd)
+    assert "role layer head: cached" in proc.stderr
+    assert "role layer compute: cached" in proc.stderr
+    assert "apt-get" not in proc.stderr and "building" not in proc.stderr
+    # the base was downloaded and decompressed once for the whole session
+    images = list((Path(env["PIIMAGE_CACHE"]) / "images").glob("*/image.img"))
+    assert len(images) == 1, images
+    out = cwd / "out" / "testcluster"
+    with open_images([out / "node02.img"]) as (v,):
+        with v.mounted():
+            assert "address1=10.0.0.22/24" in v.text(
+                "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection")
+            assert "NodeName=node02 NodeAddr=10.0.0.22" in v.text("/etc/slurm/slurm.conf")
+
+
+# --------------------------------------------------------------------------------------------
+# The bookworm stand-in (Raspberry Pi OS Legacy).
+# --------------------------------------------------------------------------------------------
+def test_bookworm_node(env, tmp_path):
+    (tmp_path / "cluster.yaml").write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.12"))
+    piimage(["build", "--role", "compute", "--hostname", "node01", "--base", "raspios-lite-arm64-legacy"], env, tmp_path)
+    img = tmp_path / "out" / "testcluster" / "node01.img"
+    with open_images([img]) as (v,):
+        with v.mounted():
+            assert "bookworm" in v.text("/etc/os-release")
+            assert v.text("/etc/hostname") == "node01\n"
+            nm = "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection"
+            assert v.mode(nm) == 0o600 and "address1=10.0.0.11/24,10.0.0.1" in v.text(nm)
+            assert pubkey(env) in v.text("/home/alice/.ssh/authorized_keys")
+            assert {"slurmd", "munge", "python3-mpi4py"} <= v.dpkg_installed()
+            assert v.owner("/etc/munge/munge.key")[0] == v.uid_of("munge")
+            cmdline = v.text("/boot/firmware/cmdline.txt")
+            assert "init=/usr/lib/raspberrypi-sys-mods/firstboot" in cmdline
+            assert f"root=PARTUUID={v.disk_id()}-02" in cmdline
+    for tool, r in fsck_partitions(img).items():
+        assert r.returncode == 0, f"{tool}: {r.stdout}{r.stderr}"
