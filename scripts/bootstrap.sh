@@ -11,10 +11,10 @@ arch="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
 RUNTIME_PACKAGES=(
   libguestfs-tools python3-guestfs "linux-image-$arch" qemu-user-static qemu-utils
   binfmt-support xz-utils zstd pigz openssh-client fdisk e2fsprogs dosfstools mtools
-  cloud-guest-utils python3-venv ca-certificates
+  cloud-guest-utils bmap-tools python3-venv ca-certificates
 )
 # What the test suite needs on top: the stand-in image builder and image checkers.
-TEST_PACKAGES=(mmdebstrap debian-archive-keyring arch-test bmap-tools qemu-system-arm)
+TEST_PACKAGES=(mmdebstrap debian-archive-keyring arch-test qemu-system-arm)
 
 _missing_packages() {
   local p

@@ -21,7 +21,8 @@ from .errors import UserError
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
 from .log import log
-from .output import publish_image, update_manifest
+from .output import (COMPRESSORS, compress, publish_image, update_manifest, write_bmap, write_imager_repo,
+                     write_sha256sums)
 from .run import require_tools, run
 from .layers import ensure_layer
 from .layers import inputs_for as layer_inputs
@@ -58,6 +59,8 @@ class BuildPlan:
     nodes: tuple[NodePlan, ...]
     out_dir: Path
     keep_workspace: bool = False
+    compress: str = "none"
+    url_base: str | None = None
 
 
 def _systemd_path_unit(path: str) -> str:
@@ -122,9 +125,12 @@ def node_context(cluster: Cluster, node: Node, profile: Profile, host_keys: dict
 
 
 def plan(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, base: str | None = None,
-         keep_workspace: bool = False) -> BuildPlan:
+         keep_workspace: bool = False, compress: str = "none", url_base: str | None = None) -> BuildPlan:
     """Everything that can be decided without touching an image: a typo costs milliseconds."""
-    require_tools(["qemu-img", "cp"])
+    tools = ["qemu-img", "cp", "bmaptool"]
+    if compress != "none":
+        tools.append(COMPRESSORS[compress][1][0])
+    require_tools(tools)
     _import_guestfs()
     if base:
         spec = fetch.parse_base_spec(base, None, relative_to=Path.cwd())
@@ -151,7 +157,7 @@ def plan(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, base: str 
         p = replace(p, enable=tuple(dict.fromkeys([*p.enable, *profile.enable])),
                     disable=tuple(dict.fromkeys([*p.disable, *profile.disable])))
         plans.append(p)
-    return BuildPlan(cluster, spec, tuple(stage_list), profiles, tuple(plans), out_dir, keep_workspace)
+    return BuildPlan(cluster, spec, tuple(stage_list), profiles, tuple(plans), out_dir, keep_workspace, compress, url_base)
 
 
 def _clean_stale_workspaces(root: Path) -> None:
@@ -203,6 +209,10 @@ def execute(bp: BuildPlan) -> list[Path]:
             digest = publish_image(ov, final)
             published.append(final)
             ov.unlink()
+            packed = compress(final, bp.compress)
+            if packed is not None:
+                published.append(packed)
+            published.append(write_bmap(final))
             manifest_nodes[p.hostname] = {
                 "role": p.role,
                 "image": final.name,
@@ -210,17 +220,20 @@ def execute(bp: BuildPlan) -> list[Path]:
                 "size": final.stat().st_size,
                 "disk_id": node_disk_id(bp.cluster.name, p.hostname),
                 "role_layer": layers[p.role].name,
+                "release_date": time.strftime("%Y-%m-%d"),
                 "files": [
                     {"path": w.path, "sha256": w.sha256, "mode": f"{w.mode:04o}", "owner": w.owner, "stage": w.stage}
                     for w in written[p.hostname]
                 ],
             }
             log.info("wrote %s", final)
-        update_manifest(
+        manifest = update_manifest(
             out / "manifest.json",
             {"name": bp.cluster.name},
             {"name": base.name, "source": base.source, "sha256": base.sha256, "release_date": base.release_date},
             manifest_nodes,
         )
+        write_imager_repo(out, bp.cluster.name, manifest["nodes"], bp.url_base)
+        write_sha256sums(out)
     log.info("built %d image%s in %.0f s", len(published), "s" if len(published) != 1 else "", time.monotonic() - t0)
     return published

@@ -85,10 +85,13 @@ def main() -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("out"),
               show_default=True, help="Output directory; images go to OUT/<cluster>/.")
 @click.option("--base", help="Base image: raspios-lite-arm64[-legacy], an https://….img.xz URL, or a local .img/.img.xz (overrides the inventory).")
+@click.option("--compress", type=click.Choice(["xz", "zstd", "gzip", "none"]), default=None,
+              help="Also write a compressed copy (every core). Default: xz with --all, none otherwise; the raw .img is always kept.")
+@click.option("--url-base", help="Base URL for the images in os_list.json (Raspberry Pi Imager repository); default: file:// of the output folder.")
 @click.option("--keep-workspace", is_flag=True, help="Keep the temporary workspace for debugging.")
 @common_options
 @handle_errors
-def build(inventory, role, hostname, all_nodes, out_dir, base, keep_workspace, verbose, quiet):
+def build(inventory, role, hostname, all_nodes, out_dir, base, compress, url_base, keep_workspace, verbose, quiet):
     """Build flashable image(s): `--role compute --hostname node02`, or `--all`."""
     _setup_logging(verbose, quiet)
     from . import build as buildmod
@@ -96,7 +99,10 @@ def build(inventory, role, hostname, all_nodes, out_dir, base, keep_workspace, v
 
     cluster = inv.load(inventory)
     nodes = inv.select_nodes(cluster, hostname=hostname, role=role, all_nodes=all_nodes)
-    bp = buildmod.plan(cluster, nodes, out_dir=out_dir, base=base, keep_workspace=keep_workspace)
+    if compress is None:
+        compress = "xz" if all_nodes else "none"
+    bp = buildmod.plan(cluster, nodes, out_dir=out_dir, base=base, keep_workspace=keep_workspace,
+                       compress=compress, url_base=url_base)
     for path in buildmod.execute(bp):
         click.echo(str(path))
 

@@ -49,7 +49,108 @@ def publish_image(overlay: Path, final: Path) -> str:
     return digest
 
 
-def update_manifest(path: Path, cluster: dict[str, Any], base: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> None:
+COMPRESSORS = {
+    # format: (suffix, command writing the compressed stream to stdout; every core)
+    "xz": (".xz", ["xz", "-T0", "-3", "-c"]),
+    "zstd": (".zst", ["zstd", "-T0", "-q", "-c"]),
+    "gzip": (".gz", ["pigz", "-c"]),
+}
+
+
+def compress(image: Path, fmt: str) -> Path | None:
+    """image.img -> image.img.xz (+ .sha256), atomically; the raw .img stays."""
+    if fmt == "none":
+        return None
+    suffix, cmd = COMPRESSORS[fmt]
+    final = image.with_name(image.name + suffix)
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as f:
+            run_to_file([*cmd, str(image)], f, what=f"{cmd[0]} of {image.name}")
+        digest = sha256_file(tmp)
+    write_atomic(final.with_name(final.name + ".sha256"), checksum_line(digest, final.name))
+    return final
+
+
+def run_to_file(cmd: list[str], f, what: str) -> None:
+    import subprocess
+
+    from .errors import CommandError
+
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise CommandError(f"{what} failed (exit {proc.returncode})", proc.returncode, err.decode(errors="replace")[-2000:])
+
+
+def write_bmap(image: Path) -> Path:
+    """A block map (bmaptool) so `bmaptool copy` writes only the mapped blocks."""
+    final = image.with_name(image.name + ".bmap")
+    with atomic_path(final) as tmp:
+        run(["bmaptool", "create", "-o", str(tmp), str(image)], what=f"bmaptool create for {image.name}")
+        os.chmod(tmp, 0o644)
+    return final
+
+
+IMAGER_DEVICES = ["pi5-64bit", "pi4-64bit", "pi3-64bit"]
+
+
+def write_imager_repo(out: Path, cluster_name: str, nodes: dict[str, dict[str, Any]], url_base: str | None) -> Path:
+    """An os_list for Raspberry Pi Imager (`rpi-imager --repo out/<cluster>/os_list.json`), one
+    entry per node image present. init_format is "none": the identity is baked in, and Imager
+    offers its own customisation only for the formats it knows (systemd, cloudinit…), which
+    would otherwise add a second user/hostname on top of ours."""
+    items = []
+    for host, info in sorted(nodes.items()):
+        img = out / info["image"]
+        if not img.exists():
+            continue
+        dl = next((img.with_name(img.name + s) for s in (".xz", ".zst", ".gz") if img.with_name(img.name + s).exists()), img)
+        dl_sha = _sidecar_digest(dl) or sha256_file(dl)
+        base = url_base if url_base is not None else out.resolve().as_uri() + "/"
+        items.append({
+            "name": f"{cluster_name}: {host} ({info['role']})",
+            "description": f"piimage node image for {host} of cluster {cluster_name}: identity, network and services baked in.",
+            "url": base + dl.name,
+            "extract_size": img.stat().st_size,
+            "extract_sha256": info["sha256"],
+            "image_download_size": dl.stat().st_size,
+            "image_download_sha256": dl_sha,
+            "release_date": info.get("release_date", ""),
+            "devices": IMAGER_DEVICES,
+            "init_format": "none",
+        })
+    path = out / "os_list.json"
+    write_atomic(path, json.dumps({"os_list": items}, indent=2) + "\n")
+    return path
+
+
+def _sidecar_digest(path: Path) -> str | None:
+    side = path.with_name(path.name + ".sha256")
+    if side.exists():
+        fields = side.read_text().split()
+        if len(fields) == 2 and fields[1] == path.name:
+            return fields[0]
+    return None
+
+
+def write_sha256sums(out: Path) -> Path:
+    """SHA256SUMS over every published file of the folder (sidecar digests reused)."""
+    lines = []
+    for p in sorted(out.iterdir()):
+        if p.name.startswith(".") or p.name == "SHA256SUMS" or not p.is_file():
+            continue
+        lines.append(checksum_line(_sidecar_digest(p) or sha256_file(p), p.name))
+    path = out / "SHA256SUMS"
+    write_atomic(path, "".join(lines))
+    return path
+
+
+def update_manifest(path: Path, cluster: dict[str, Any], base: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """manifest.json lists every node image in the folder; a build of some nodes updates their
     entries and keeps the others."""
     old: dict[str, Any] = {}
@@ -67,3 +168,4 @@ def update_manifest(path: Path, cluster: dict[str, Any], base: dict[str, Any], n
         "nodes": dict(sorted(merged_nodes.items())),
     }
     write_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    return doc

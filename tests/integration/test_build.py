@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .readback import fsck_partitions, open_images
+from readback import fsck_partitions, open_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -96,7 +96,8 @@ def test_default_cluster_node02(node02_default, env):
     out = cwd / "out" / "picluster"
     img = out / "node02.img"
     assert str(img.relative_to(cwd)) in proc.stdout or str(img) in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "node02.img", "node02.img.sha256"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS", "manifest.json", "node02.img", "node02.img.bmap", "node02.img.sha256", "os_list.json"]
     digest = subprocess.run(["sha256sum", str(img)], capture_output=True, text=True, check=True).stdout.split()[0]
     assert (out / "node02.img.sha256").read_text() == f"{digest}  node02.img\n"
     manifest = json.loads((out / "manifest.json").read_text())
