@@ -65,6 +65,18 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logmod.setup(-1 if quiet else verbose)
 
 
+def _load_cluster(inventory: Path | None):
+    """The inventory, validated against the roles that have a node profile (ours, and a
+    node-profiles/ folder beside cluster.yaml)."""
+    from . import build as buildmod
+    from . import inventory as inv
+    from .profiles import load_profiles
+
+    inv_path = inventory or (Path.cwd() / inv.DEFAULT_FILE)
+    dirs = [buildmod.data_dir() / "node-profiles", inv_path.resolve().parent / "node-profiles"]
+    return inv.load(inventory, known_roles=tuple(load_profiles(dirs)))
+
+
 inventory_option = click.option(
     "-i", "--inventory", type=click.Path(path_type=Path, dir_okay=False),
     help="cluster.yaml to use (default: ./cluster.yaml, else the built-in example cluster).",
@@ -97,7 +109,7 @@ def build(inventory, role, hostname, all_nodes, out_dir, base, compress, url_bas
     from . import build as buildmod
     from . import inventory as inv
 
-    cluster = inv.load(inventory)
+    cluster = _load_cluster(inventory)
     nodes = inv.select_nodes(cluster, hostname=hostname, role=role, all_nodes=all_nodes)
     if compress is None:
         compress = "xz" if all_nodes else "none"
@@ -130,9 +142,7 @@ def init(directory, force, verbose, quiet):
 def check(inventory, verbose, quiet):
     """Validate the inventory and list its nodes (nothing is downloaded or written)."""
     _setup_logging(verbose, quiet)
-    from . import inventory as inv
-
-    cluster = inv.load(inventory)
+    cluster = _load_cluster(inventory)
     click.echo(f"cluster {cluster.name}: {len(cluster.nodes)} nodes, base {cluster.base}")
     for n in cluster.nodes:
         click.echo(f"  {n.hostname:<16} {n.role:<10} {n.ip}")
