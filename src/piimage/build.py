@@ -235,5 +235,5 @@ def execute(bp: BuildPlan) -> list[Path]:
         )
         write_imager_repo(out, bp.cluster.name, manifest["nodes"], bp.url_base)
         write_sha256sums(out)
-    log.info("built %d image%s in %.0f s", len(published), "s" if len(published) != 1 else "", time.monotonic() - t0)
+    log.info("built %d node image%s in %.0f s", len(bp.nodes), "s" if len(bp.nodes) != 1 else "", time.monotonic() - t0)
     return published
