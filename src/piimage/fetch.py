@@ -32,6 +32,7 @@ IMAGER_NAMES = {
 }
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 TIMEOUT = (15, 60)  # connect, read (seconds)
+NET_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ def _download(url: str, expected: str, cache: Path) -> Path:
         try:
             with open(part, "ab" if have else "wb") as f, progress(f"downloading {basename}", total) as p:
                 p.update(have)
-                for chunk in r.iter_content(CHUNK):
+                # small reads: data before a broken connection still lands in the partial file
+                for chunk in r.iter_content(NET_CHUNK):
                     f.write(chunk)
                     p.update(len(chunk))
         except requests.RequestException as e:
