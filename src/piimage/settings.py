@@ -33,6 +33,8 @@ def guestfs_env() -> dict[str, str]:
     return {
         "LIBGUESTFS_BACKEND": os.environ.get("LIBGUESTFS_BACKEND", "direct"),
         "LIBGUESTFS_BACKEND_SETTINGS": os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg"),
+        # the appliance is built once and kept here, whatever TMPDIR says
+        "LIBGUESTFS_CACHEDIR": os.environ.get("LIBGUESTFS_CACHEDIR", "/var/tmp"),
     }
 
 

@@ -1,0 +1,195 @@
+"""Failures and interrupts on real images: the right exit code, a one-screen message, and
+nothing left behind — no partial image, no mount, no loop device, no appliance, no workspace."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+PERSISTENT_CACHE = Path(os.environ.get("PIIMAGE_TEST_CACHE", Path.home() / ".cache" / "piimage"))
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH3903J3epy2OvY9kxA4Gr+Ix0/+xMkM+jxK162Gs/b2 me@laptop"
+
+
+def cluster_yaml(extra: str = "", base: str = "raspios-lite-arm64-legacy") -> str:
+    return f"""\
+name: failing
+base: {base}
+network: {{subnet: 10.0.0.0/24, gateway: 10.0.0.1}}
+admin: {{name: alice, ssh_authorized_keys: ['{KEY}']}}
+{extra}
+nodes:
+  - {{hostname: head, role: head, ip: 10.0.0.10}}
+  - {{hostname: node01, role: compute, ip: 10.0.0.11}}
+"""
+
+
+@pytest.fixture
+def work(tmp_path, standin_bookworm):
+    cache = tmp_path / "cache"
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = dict(os.environ)
+    env.update(
+        PIIMAGE_CACHE=str(cache),
+        PIIMAGE_LAYER_CACHE=str(PERSISTENT_CACHE / "layers"),
+        PIIMAGE_APT_CACHE=str(PERSISTENT_CACHE / "apt-archives"),
+        PIIMAGE_OS_LIST_URL=standin_bookworm.os_list_url,
+        TMPDIR=str(tmpdir),
+    )
+    return tmp_path, env, standin_bookworm
+
+
+def run_piimage(args, env, cwd, timeout=3600):
+    return subprocess.run([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    """Everything a failed or interrupted run must not leave behind."""
+    found = []
+    out = tmp_path / "out"
+    if out.exists():
+        found += [f"out/{p.relative_to(out)}" for p in out.rglob("*") if p.is_file()]
+    work = tmp_path / "cache" / "work"
+    if work.exists():
+        found += [f"workspace {p}" for p in work.iterdir()]
+    found += [f"tmp {p}" for p in (tmp_path / "tmp").iterdir()]
+    for layers in (PERSISTENT_CACHE / "layers",):
+        if layers.exists():
+            found += [f"partial layer {p}" for p in layers.iterdir() if p.name.startswith(".")]
+    mounts = Path("/proc/mounts").read_text()
+    found += [f"mount {ln.split()[1]}" for ln in mounts.splitlines() if "piimage-root-" in ln]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    found += [f"loop {ln}" for ln in loops.splitlines() if str(PERSISTENT_CACHE / "layers") in ln or str(tmp_path) in ln]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(tmp_path) in cmd and ("qemu" in cmd or "apt" in cmd or "dpkg" in cmd):
+                found.append(f"process {pid}: {cmd[:120]}")
+    return found
+
+
+def test_corrupted_download(work):
+    tmp_path, env, s = work
+    bad = s.dir / "corrupt.img.xz"
+    if not bad.exists():
+        data = bytearray(s.image_xz.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+        (s.dir / "corrupt.img.xz.sha256").write_text(s.sha256_file.read_text().split()[0] + "  corrupt.img.xz\n")
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    r = run_piimage(["build", "--hostname", "node01", "--base", s.url.rsplit("/", 1)[0] + "/corrupt.img.xz"], env, tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "checksum mismatch" in r.stderr and "the download was deleted" in r.stderr
+    assert len(r.stderr.splitlines()) < 25 and "Traceback" not in r.stderr
+    assert leftovers(tmp_path) == []
+
+
+def test_wrong_checksum(work):
+    tmp_path, env, s = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml(f"base_sha256: {'ab' * 32}", base=s.url))
+    r = run_piimage(["build", "--hostname", "node01"], env, tmp_path)
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr and "ab" * 32 in r.stderr
+    assert leftovers(tmp_path) == []
+
+
+def _profiles(tmp_path: Path, compute: str) -> None:
+    (tmp_path / "node-profiles").mkdir(exist_ok=True)
+    (tmp_path / "node-profiles" / "compute.yaml").write_text(compute)
+
+
+def test_package_that_does_not_exist(work):
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    _profiles(tmp_path, "packages: [munge, no-such-package-piimage]\nheadroom_mb: 64\n")
+    r = run_piimage(["build", "--hostname", "node01"], env, tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "no package named no-such-package-piimage" in r.stderr
+    assert "Unable to locate package no-such-package-piimage" in r.stderr  # apt's own tail
+    assert leftovers(tmp_path) == []
+
+
+def test_failing_chroot_script(work):
+    tmp_path, env, _ = work
+    st = tmp_path / "mystages" / "90-fails"
+    st.mkdir(parents=True)
+    (st / "stage.yaml").write_text("scope: role\nroles: [compute]\n")
+    (st / "run-chroot.sh").write_text("echo about to fail\nfalse\necho never\n")
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml("stages: [mystages]"))
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
+    r = run_piimage(["build", "--hostname", "node01"], env, tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "90-fails/run-chroot.sh failed" in r.stderr and "about to fail" in r.stderr
+    assert "never" not in r.stderr
+    assert leftovers(tmp_path) == []
+
+
+def test_lost_mirror(work):
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml("apt: {mirror: 'http://127.0.0.1:9/debian'}"))
+    _profiles(tmp_path, "packages: [hello]\nheadroom_mb: 64\n")
+    r = run_piimage(["build", "--hostname", "node01"], env, tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "apt-get update could not reach every package source" in r.stderr
+    assert "127.0.0.1:9" in r.stderr
+    assert leftovers(tmp_path) == []
+
+
+def _interrupt_when(args, env, cwd, marker: str, delay: float = 2.0, timeout: float = 1800) -> tuple[int, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    t0 = time.monotonic()
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append(line)
+        if marker in line:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            break
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail("marker never seen: " + "".join(lines[-20:]))
+    else:
+        pytest.fail(f"exited before {marker!r}: " + "".join(lines[-20:]))
+    try:
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("piimage did not stop within 120 s of Ctrl-C")
+    return rc, "".join(lines) + rest
+
+
+@pytest.mark.parametrize("marker", ["starting the libguestfs appliance", "writing node01.img"])
+def test_ctrl_c_during_stamp_and_write(work, marker):
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")  # a layer that is cheap to (re)build
+    rc, err = _interrupt_when(["build", "--hostname", "node01", "--compress", "none"], env, tmp_path, marker, delay=1.5)
+    assert rc == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_during_package_install(work):
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    # a package set of its own, so this layer is never cached and apt really runs
+    _profiles(tmp_path, f"packages: [hello, cowsay]\nheadroom_mb: {64 + os.getpid() % 100}\n")
+    rc, err = _interrupt_when(["build", "--hostname", "node01", "-v"], env, tmp_path, "apt-get", delay=3)
+    assert rc == 130, err[-3000:]
+    assert leftovers(tmp_path) == []
