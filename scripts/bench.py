@@ -1,0 +1,81 @@
+"""The measurements behind scripts/bench; prints figures, asserts nothing."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def cluster_yaml(base: Path, computes: int) -> str:
+    nodes = "\n".join(f"  - {{hostname: node{i:02d}, role: compute, ip: 10.0.0.{10 + i}}}" for i in range(1, computes + 1))
+    return (f"name: bench{computes}\nbase: {base}\nnetwork: {{subnet: 10.0.0.0/24, gateway: 10.0.0.1}}\n"
+            f"nodes:\n  - {{hostname: head, role: head, ip: 10.0.0.10}}\n{nodes}\n")
+
+
+def timed(args, cwd, env) -> tuple[float, str]:
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "piimage.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        sys.exit(f"piimage {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    return dt, r.stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--suite", default="bookworm", choices=["bookworm", "trixie"])
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    a = ap.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-"))
+    try:
+        pub = scratch / "standin"
+        sh([str(ROOT / "scripts" / "standin-image"), "--suite", a.suite, "--out", str(pub)])
+        base = pub / f"raspios-standin-{a.suite}-arm64-lite.img.xz"
+        env = dict(os.environ, PIIMAGE_CACHE=str(scratch / "cache"))  # fresh: layers are built cold
+        for n in (1, 8):
+            d = scratch / f"c{n}"
+            d.mkdir()
+            (d / "cluster.yaml").write_text(cluster_yaml(base, n))
+        print(f"stand-in: {a.suite}, {os.cpu_count()} cores", flush=True)
+        t_first, err = timed(["build", "--hostname", "node01", "--compress", "none"], scratch / "c1", env)
+        layer = re.search(r"role layer compute: built in (\d+) s", err)
+        print(f"first build of node01 (download/decompress + compute role layer + stamp): {t_first:7.1f} s")
+        print(f"  of which the compute role layer (apt under emulation):                {float(layer.group(1)) if layer else float('nan'):7.1f} s")
+        t_stamp, _ = timed(["build", "--hostname", "node01", "--compress", "none"], scratch / "c1", env)
+        print(f"node stamp from the cached layer (one node, raw .img + .bmap):           {t_stamp:7.1f} s")
+        t1, _ = timed(["build", "--all", "--role", "compute", "--compress", "none"], scratch / "c1", env)
+        print(f"--all, 1 compute node:                                                   {t1:7.1f} s")
+        t8, _ = timed(["build", "--all", "--role", "compute", "--compress", "none"], scratch / "c8", env)
+        print(f"--all, 8 compute nodes:                                                  {t8:7.1f} s")
+        print(f"ratio 8 nodes / 1 node:                                                  {t8 / t1:7.2f}")
+        img = scratch / "c8" / "out" / "bench8" / "node01.img"
+        t0 = time.monotonic()
+        subprocess.run(
+            ["xz", "-T0", "-3", "-c", str(img)], stdout=subprocess.DEVNULL, check=True)
+        t_xz = time.monotonic() - t0
+        t_c, _ = timed(["build", "--hostname", "node01", "--compress", "xz"], scratch / "c8", env)
+        print(f"xz -T0 -3 alone on node01.img:                                           {t_xz:7.1f} s")
+        print(f"build --hostname node01 --compress xz (stamp + xz):                      {t_c:7.1f} s "
+              f"(stamp alone {t_stamp:.1f} s; compression share {(t_c - t_stamp) / t_xz:.2f}× xz alone)")
+    finally:
+        if a.keep:
+            print(f"scratch kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
