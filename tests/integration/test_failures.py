@@ -178,8 +178,10 @@ def _interrupt_when(args, env, cwd, marker: str, delay: float = 2.0, timeout: fl
 def test_ctrl_c_during_stamp_and_write(work, marker):
     tmp_path, env, _ = work
     (tmp_path / "cluster.yaml").write_text(cluster_yaml())
-    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")  # a layer that is cheap to (re)build
-    rc, err = _interrupt_when(["build", "--hostname", "node01", "--compress", "none"], env, tmp_path, marker, delay=1.5)
+    # No packages: a layer that is cheap to build. Large headroom: a 4 GiB (sparse) image whose
+    # conversion and checksum take long enough to be interrupted in the middle.
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 3072\n")
+    rc, err = _interrupt_when(["build", "--hostname", "node01", "--compress", "none"], env, tmp_path, marker, delay=0.3)
     assert rc == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert leftovers(tmp_path) == []
