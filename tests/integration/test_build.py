@@ -269,3 +269,58 @@ def test_bookworm_node(env, tmp_path):
             assert f"root=PARTUUID={v.disk_id()}-02" in cmdline
     for tool, r in fsck_partitions(img).items():
         assert r.returncode == 0, f"{tool}: {r.stdout}{r.stderr}"
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs every flashing tool takes (--all compresses with xz by default).
+# --------------------------------------------------------------------------------------------
+def _sha(path: Path) -> str:
+    return subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+def test_outputs_for_flashing_tools(cluster_all, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    cwd, _, _ = cluster_all
+    out = cwd / "out" / "testcluster"
+    img, xz = out / "node01.img", out / "node01.img.xz"
+    # .img.xz decompresses to exactly the .img, and both sidecars are right
+    assert (out / "node01.img.xz.sha256").read_text() == f"{_sha(xz)}  node01.img.xz\n"
+    unpacked = tmp_path / "node01.img"
+    with open(unpacked, "wb") as f:
+        subprocess.run(["xz", "-dc", str(xz)], stdout=f, check=True)
+    assert _sha(unpacked) == _sha(img)
+    unpacked.unlink()
+    # bmaptool copy with the .bmap writes the same bytes in every mapped range
+    dest = tmp_path / "card.img"
+    subprocess.run(["bmaptool", "copy", "--bmap", str(out / "node01.img.bmap"), str(img), str(dest)],
+                   check=True, capture_output=True)
+    root = ET.parse(out / "node01.img.bmap").getroot()
+    bs = int(root.findtext("BlockSize"))
+    ranges = [r.text.strip() for r in root.iter("Range")]
+    assert ranges
+    with open(img, "rb") as a, open(dest, "rb") as b:
+        for r in ranges:
+            first, _, last = r.partition("-")
+            first, last = int(first), int(last or first)
+            a.seek(first * bs)
+            b.seek(first * bs)
+            n = (last - first + 1) * bs
+            while n > 0:
+                k = min(n, 1 << 22)
+                assert a.read(k) == b.read(k), f"range {r} differs"
+                n -= k
+    dest.unlink()
+    # Raspberry Pi Imager repository: sizes and digests match the files
+    doc = json.loads((out / "os_list.json").read_text())
+    items = {i["name"].split(": ", 1)[1].split(" ")[0]: i for i in doc["os_list"]}
+    assert set(items) == {"head", "node01", "node02"}
+    it = items["node01"]
+    assert it["url"].endswith("/node01.img.xz")
+    assert it["extract_size"] == img.stat().st_size and it["extract_sha256"] == _sha(img)
+    assert it["image_download_size"] == xz.stat().st_size and it["image_download_sha256"] == _sha(xz)
+    assert it["init_format"] == "none" and "pi4-64bit" in it["devices"] and it["release_date"]
+    # SHA256SUMS covers the folder and checks out
+    sums = (out / "SHA256SUMS").read_text()
+    assert "node01.img.xz" in sums and "os_list.json" in sums and "manifest.json" in sums
+    subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=out, check=True)
