@@ -21,6 +21,7 @@ from typing import Any, Collection
 import yaml
 
 from .errors import InventoryError, UserError
+from .suggest import unknown
 
 log = logging.getLogger("piimage")
 
@@ -222,9 +223,7 @@ class _Problems:
 def _unknown_keys(doc: dict, allowed: set[str], path: tuple, pr: _Problems) -> None:
     for k in doc:
         if k not in allowed:
-            near = difflib.get_close_matches(str(k), sorted(allowed), n=1, cutoff=0.6)
-            hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(sorted(allowed))})"
-            pr.add(path + (k,), f"unknown key '{k}'{hint}")
+            pr.add(path + (k,), unknown("key", k, allowed))
 
 
 def _mapping(doc: dict, key: str, allowed: set[str], path: tuple, pr: _Problems) -> dict:
@@ -338,9 +337,7 @@ def default_public_keys() -> list[str]:
 def _hardware(d: dict, path: tuple, pr: _Problems, inherit_poe: str | None = None) -> Hardware | None:
     model = _str(d, "model", path, pr, "pi4-2gb")
     if model not in HARDWARE_MODELS:
-        near = difflib.get_close_matches(str(model), HARDWARE_MODELS, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(HARDWARE_MODELS)})"
-        pr.add(path + ("model",), f"unknown hardware model '{model}'{hint}")
+        pr.add(path + ("model",), unknown("hardware model", model, HARDWARE_MODELS))
         return None
     poe = d.get("poe_hat", inherit_poe)
     if poe is not None and poe not in POE_HATS:
@@ -494,9 +491,7 @@ def validate(doc: Any, *, where: str, lines: dict[tuple, int], base_dir: Path, k
             pr.add(p, "missing role")
             ok = False
         elif role not in known_roles:
-            near = difflib.get_close_matches(str(role), list(known_roles), n=1)
-            hint = f"did you mean '{near[0]}'? " if near else ""
-            pr.add(p + ("role",), f"unknown role '{role}' ({hint}known: {', '.join(sorted(known_roles))})")
+            pr.add(p + ("role",), unknown("role", role, known_roles))
             ok = False
         ip = None
         if n.get("ip") is None:

@@ -4,7 +4,6 @@ putting `<role>.yaml` in a `node-profiles/` folder beside their cluster.yaml."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .stages import _unknown
 
 PROFILE_KEYS = {"description", "packages", "services", "headroom_mb", "stages"}
 SERVICE_KEYS = {"enable", "disable"}
@@ -28,13 +28,6 @@ class Profile:
     enable: tuple[str, ...]
     disable: tuple[str, ...]
     headroom_mb: int
-
-
-def _unknown(keys, allowed, where, problems):
-    for k in keys:
-        if k not in allowed:
-            near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            problems.append(f"{where}: unknown key '{k}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
 
 
 def load_profile(path: Path) -> Profile:

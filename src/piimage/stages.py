@@ -34,7 +34,6 @@ stage.yaml:
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import yaml
 
 from .errors import UserError
 from . import render
+from .suggest import unknown
 
 STAGE_KEYS = {"scope", "roles", "packages", "files", "links", "remove", "enable", "disable", "mask", "description",
               "dirs", "users", "append"}
@@ -194,11 +194,7 @@ def _mode(value: Any, where: str, problems: list[str]) -> int:
 
 
 def _unknown(keys, allowed: set[str], where: str, problems: list[str]) -> None:
-    for k in keys:
-        if k not in allowed:
-            near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            problems.append(f"{where}: unknown key '{k}'{hint}")
+    problems.extend(f"{where}: {unknown('key', k, allowed)}" for k in keys if k not in allowed)
 
 
 def load_stage(d: Path) -> Stage:

@@ -107,7 +107,7 @@ def test_single_problem(tmp_path, change, fragment):
 
 def test_unknown_role_lists_known(tmp_path):
     p = problems(tmp_path, GOOD.replace("role: compute", "role: comptue"))
-    assert any("unknown role 'comptue' (did you mean 'compute'? known: compute, head)" in s for s in p)
+    assert any("unknown role 'comptue' (did you mean 'compute'?)" in s for s in p)
 
 
 def test_user_roles(tmp_path):
