@@ -170,6 +170,13 @@ def _clean_stale_workspaces(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _remove_stale_derivatives(image: Path) -> None:
+    """A new .img makes the previous build's .img.xz/.zst/.gz and their sidecars wrong."""
+    for suffix in (".xz", ".zst", ".gz"):
+        for p in (image.with_name(image.name + suffix), image.with_name(image.name + suffix + ".sha256")):
+            p.unlink(missing_ok=True)
+
+
 def execute(bp: BuildPlan) -> list[Path]:
     t0 = time.monotonic()
     base = fetch.fetch_base(bp.base_spec)
@@ -206,6 +213,7 @@ def execute(bp: BuildPlan) -> list[Path]:
         manifest_nodes = {}
         for ov, p in zip(overlays, bp.nodes):
             final = out / f"{p.hostname}.img"
+            _remove_stale_derivatives(final)
             digest = publish_image(ov, final)
             published.append(final)
             ov.unlink()
