@@ -65,26 +65,10 @@ def compress(image: Path, fmt: str) -> Path | None:
     final = image.with_name(image.name + suffix)
     with atomic_path(final) as tmp:
         with open(tmp, "wb") as f:
-            run_to_file([*cmd, str(image)], f, what=f"{cmd[0]} of {image.name}")
+            run([*cmd, str(image)], what=f"{cmd[0]} of {image.name}", stdout=f)
         digest = sha256_file(tmp)
     write_atomic(final.with_name(final.name + ".sha256"), checksum_line(digest, final.name))
     return final
-
-
-def run_to_file(cmd: list[str], f, what: str) -> None:
-    import subprocess
-
-    from .errors import CommandError
-
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, err = proc.communicate()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise CommandError(f"{what} failed (exit {proc.returncode})", proc.returncode, err.decode(errors="replace")[-2000:])
 
 
 def write_bmap(image: Path) -> Path:

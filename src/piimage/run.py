@@ -10,7 +10,7 @@ import signal
 import subprocess
 from collections import deque
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import IO, Callable, Mapping, Sequence
 
 from .errors import CommandError, MissingToolError
 from .log import log
@@ -85,10 +85,12 @@ def run(
     capture: bool = True,
     on_line: Callable[[str], None] | None = None,
     hint: str | None = None,
+    stdout: IO[bytes] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a command, stdout and stderr merged; on failure raise CommandError with the
-    output's tail. `on_line` sees each line as it comes (for progress). Children are
-    killed if we are interrupted."""
+    output's tail. `on_line` sees each line as it comes (for progress). With `stdout`, the
+    command's output goes to that file and only its stderr is read. Children are killed if
+    we are interrupted."""
     argv = [str(c) for c in cmd]
     log.debug("$ %s", " ".join(argv))
     full_env = None
@@ -100,8 +102,8 @@ def run(
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE if capture else None,
-        stderr=subprocess.STDOUT if capture else None,
+        stdout=stdout if stdout is not None else subprocess.PIPE if capture else None,
+        stderr=(subprocess.PIPE if stdout is not None else subprocess.STDOUT) if capture else None,
         env=full_env,
         cwd=cwd,
         start_new_session=True,
@@ -112,11 +114,12 @@ def run(
             proc.stdin.write(input)
             proc.stdin.close()
         if capture:
-            assert proc.stdout is not None
+            stream = proc.stderr if stdout is not None else proc.stdout
+            assert stream is not None
             # Split on \r too: progress meters (qemu-img -p, xz -v) redraw one line with \r.
             buf = b""
             while True:
-                chunk = proc.stdout.read1(65536)
+                chunk = stream.read1(65536)
                 if chunk:
                     buf += chunk
                 parts = re.split(rb"\r\n|\r|\n", buf)
