@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import fetch, keys, settings
-from .errors import UserError
+from .errors import BuildError, UserError
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
-from .log import log
+from .log import lines_only, log
 from .output import (COMPRESSORS, compress, publish_image, update_manifest, write_bmap, write_imager_repo,
                      write_sha256sums)
-from .run import require_tools, run
+from .run import require_tools, run, terminate_all
 from .layers import ensure_layer
 from .layers import inputs_for as layer_inputs
 from .profiles import Profile, load_profiles
@@ -170,6 +172,58 @@ def _clean_stale_workspaces(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _publish_all(bp: BuildPlan, out: Path, overlays: list[Path], layers: dict[str, Path],
+                 written: dict[str, list], published: list[Path]) -> dict[str, dict]:
+    """Convert, checksum, compress and map every node image — one job per core. On a failure
+    or Ctrl-C the other jobs are stopped and every job removes its half-written file."""
+    abort = threading.Event()
+
+    def job(ov: Path, p: NodePlan) -> tuple[list[Path], dict]:
+        final = out / f"{p.hostname}.img"
+        _remove_stale_derivatives(final)
+        digest = publish_image(ov, final, abort)
+        ov.unlink()
+        files = [final]
+        if abort.is_set():
+            raise BuildError("stopped")
+        packed = compress(final, bp.compress)
+        if packed is not None:
+            files.append(packed)
+        files.append(write_bmap(final))
+        log.info("wrote %s", final)
+        return files, {
+            "role": p.role,
+            "image": final.name,
+            "sha256": digest,
+            "size": final.stat().st_size,
+            "disk_id": node_disk_id(bp.cluster.name, p.hostname),
+            "role_layer": layers[p.role].name,
+            "release_date": time.strftime("%Y-%m-%d"),
+            "files": [
+                {"path": w.path, "sha256": w.sha256, "mode": f"{w.mode:04o}", "owner": w.owner, "stage": w.stage}
+                for w in written[p.hostname]
+            ],
+        }
+
+    workers = max(1, min(len(bp.nodes), os.cpu_count() or 1))
+    results: dict[str, dict] = {}
+    with lines_only() if workers > 1 else nullcontext(), ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(job, ov, p): p.hostname for ov, p in zip(overlays, bp.nodes)}
+        try:
+            for fut in futures:
+                files, entry = fut.result()
+                published.extend(files)
+                results[futures[fut]] = entry
+        except BaseException:
+            abort.set()
+            terminate_all()
+            for fut in futures:
+                fut.cancel()
+            wait(list(futures))  # every job has removed its temporary file
+            raise
+    return results
+
+
 def _remove_stale_derivatives(image: Path) -> None:
     """A new .img makes the previous build's .img.xz/.zst/.gz and their sidecars wrong."""
     for suffix in (".xz", ".zst", ".gz"):
@@ -207,34 +261,13 @@ def execute(bp: BuildPlan) -> list[Path]:
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)
         written: dict[str, list] = {}
         with GuestSession(overlays) as session:
+            checked: set[Path] = set()  # overlays of one layer share its partition layout
             for disk, p in zip(session.disks(), bp.nodes):
                 log.info("stamping %s (%s)", p.hostname, p.role)
-                written[p.hostname] = stamp(disk, p, cluster_name=bp.cluster.name, admin=admin)
-        manifest_nodes = {}
-        for ov, p in zip(overlays, bp.nodes):
-            final = out / f"{p.hostname}.img"
-            _remove_stale_derivatives(final)
-            digest = publish_image(ov, final)
-            published.append(final)
-            ov.unlink()
-            packed = compress(final, bp.compress)
-            if packed is not None:
-                published.append(packed)
-            published.append(write_bmap(final))
-            manifest_nodes[p.hostname] = {
-                "role": p.role,
-                "image": final.name,
-                "sha256": digest,
-                "size": final.stat().st_size,
-                "disk_id": node_disk_id(bp.cluster.name, p.hostname),
-                "role_layer": layers[p.role].name,
-                "release_date": time.strftime("%Y-%m-%d"),
-                "files": [
-                    {"path": w.path, "sha256": w.sha256, "mode": f"{w.mode:04o}", "owner": w.owner, "stage": w.stage}
-                    for w in written[p.hostname]
-                ],
-            }
-            log.info("wrote %s", final)
+                written[p.hostname] = stamp(disk, p, cluster_name=bp.cluster.name, admin=admin,
+                                            check_layout=layers[p.role] not in checked)
+                checked.add(layers[p.role])
+        manifest_nodes = _publish_all(bp, out, overlays, layers, written, published)
         manifest = update_manifest(
             out / "manifest.json",
             {"name": bp.cluster.name},

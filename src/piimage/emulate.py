@@ -205,6 +205,36 @@ def grow_image(image: Path, extra_bytes: int) -> None:
     log.info("root filesystem grown by %d MiB in %.0f s", extra_bytes // (1 << 20), time.monotonic() - t0)
 
 
+def shrink_image(image: Path, free_bytes: int) -> None:
+    """Shrink the root filesystem to what it uses plus `free_bytes`, partition 2 and the file
+    with it: a smaller image is faster to checksum, compress and flash, and Raspberry Pi OS
+    grows the root to the whole card on first boot anyway."""
+    part = root_partition(image)
+    with loop_device(image, part) as dev:
+        r = run(["e2fsck", "-f", "-y", dev], what="e2fsck", check=False)
+        if r.returncode not in (0, 1):
+            raise CommandError("e2fsck of the root filesystem failed before shrinking", r.returncode, r.stdout[-2000:])
+        est = re.search(r"minimum size of the filesystem:\s*(\d+)", run(["resize2fs", "-P", dev], what="resize2fs -P").stdout)
+        head = run(["dumpe2fs", "-h", dev], what="dumpe2fs").stdout
+        fields = {k: re.search(rf"^{k}:\s*(\d+)", head, re.MULTILINE) for k in ("Block size", "Block count", "Free blocks")}
+        if not est or not all(fields.values()):
+            raise BuildError(f"{image}: cannot tell the root filesystem's minimum size")
+        bs = int(fields["Block size"].group(1))
+        used = (int(fields["Block count"].group(1)) - int(fields["Free blocks"].group(1))) * bs
+        align = 4 << 20
+        # resize2fs -P is conservative (metadata reserve): never ask for less than it allows
+        target = -(-max(int(est.group(1)) * bs, used + free_bytes) // align) * align
+        if target >= part.size:
+            return
+        run(["resize2fs", dev, f"{target // 1024}K"], what="resize2fs (shrink)")
+    sectors = target // 512
+    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", "2", str(image)], what="sfdisk (shrink partition 2)",
+        input=f"{part.start // 512},{sectors}\n".encode())
+    with open(image, "r+b") as f:
+        f.truncate(part.start + target)
+    log.info("root filesystem shrunk to %d MiB (%d MiB free)", target >> 20, free_bytes >> 20)
+
+
 # ---------------------------------------------------------------------------------------------
 # The chroot
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from .profiles import Profile
 from .run import run
 from .stages import Stage
 
-LAYER_FORMAT = 1  # bump when the way layers are made changes
+LAYER_FORMAT = 2  # bump when the way layers are made changes
+FREE_AFTER_PACKAGES = 384 << 20  # free space left in a layer's root after its packages
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, a
                     _copy_role_files(ch.root, st)
                     if st.script is not None:
                         ch.run_script(st.script, what=f"{st.name}/run-chroot.sh")
+        if inputs.headroom_mb:
+            # the headroom was for apt; what is left of it is not flashed (first boot grows the root)
+            emulate.shrink_image(tmp, FREE_AFTER_PACKAGES)
     write_atomic(final.with_suffix(".json"), json.dumps(
         {"role": inputs.role, "key": inputs.key(), "packages": list(inputs.packages), "base_sha256": inputs.base_sha256,
          "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.monotonic() - t0, 1)},

@@ -10,6 +10,7 @@ from typing import Iterator
 log = logging.getLogger("piimage")
 
 _quiet = False
+_bars = True  # redrawn progress bars; off while parallel jobs would interleave them
 
 
 def setup(verbosity: int) -> None:
@@ -34,7 +35,7 @@ class Progress:
         self.total = total
         self.unit = unit
         self.done = 0
-        self._tty = sys.stderr.isatty() and not _quiet
+        self._tty = sys.stderr.isatty() and not _quiet and _bars
         self._last_pct = -1
 
     def _fmt(self, n: int) -> str:
@@ -65,6 +66,17 @@ class Progress:
         if self._tty:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+@contextmanager
+def lines_only() -> Iterator[None]:
+    """Progress as log lines instead of redrawn bars (for work running in parallel)."""
+    global _bars
+    old, _bars = _bars, False
+    try:
+        yield
+    finally:
+        _bars = old
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import BuildError
 from .fsutil import atomic_path, sha256_file, write_atomic
 from .log import progress
 from .run import run
@@ -39,12 +40,24 @@ def checksum_line(digest: str, name: str) -> str:
     return f"{digest}  {name}\n"
 
 
-def publish_image(overlay: Path, final: Path) -> str:
+class _Abortable:
+    """Progress that stops the work when `abort` is set (another job failed, or Ctrl-C)."""
+
+    def __init__(self, p, abort):
+        self.p, self.abort = p, abort
+
+    def update(self, n: int) -> None:
+        if self.abort is not None and self.abort.is_set():
+            raise BuildError("stopped: another part of the build failed or was interrupted")
+        self.p.update(n)
+
+
+def publish_image(overlay: Path, final: Path, abort=None) -> str:
     """Convert the node's overlay to `final` (.img) atomically; write `final`.sha256. Returns the digest."""
     with atomic_path(final) as tmp:
         convert_to_raw(overlay, tmp, f"writing {final.name}")
         with progress(f"checksumming {final.name}", os.path.getsize(tmp)) as p:
-            digest = sha256_file(tmp, p)
+            digest = sha256_file(tmp, _Abortable(p, abort))
     write_atomic(final.with_name(final.name + ".sha256"), checksum_line(digest, final.name))
     return digest
 

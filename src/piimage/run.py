@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 from collections import deque
 from pathlib import Path
 from typing import IO, Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ TOOL_PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
     "growpart": "cloud-guest-utils",
     "mmdebstrap": "mmdebstrap",
     "ssh-keygen": "openssh-client",
@@ -41,6 +43,19 @@ TOOL_PACKAGES = {
 }
 
 TAIL_LINES = 25
+
+# Children started by run() and still running, so an interrupt in the main thread can end
+# those that worker threads started.
+_live: set[subprocess.Popen] = set()
+_live_lock = threading.Lock()
+
+
+def terminate_all() -> None:
+    """End every child run() started that is still running (their run() then fails)."""
+    with _live_lock:
+        procs = list(_live)
+    for proc in procs:
+        _terminate(proc)
 
 
 def require_tools(tools: Sequence[str]) -> None:
@@ -108,6 +123,8 @@ def run(
         cwd=cwd,
         start_new_session=True,
     )
+    with _live_lock:
+        _live.add(proc)
     try:
         if input is not None:
             assert proc.stdin is not None
@@ -139,6 +156,9 @@ def run(
     except BaseException:
         _terminate(proc)
         raise
+    finally:
+        with _live_lock:
+            _live.discard(proc)
     out = "\n".join(lines)
     if check and rc != 0:
         raise CommandError(

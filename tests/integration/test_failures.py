@@ -20,7 +20,8 @@ PERSISTENT_CACHE = Path(os.environ.get("PIIMAGE_TEST_CACHE", Path.home() / ".cac
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH3903J3epy2OvY9kxA4Gr+Ix0/+xMkM+jxK162Gs/b2 me@laptop"
 
 
-def cluster_yaml(extra: str = "", base: str = "raspios-lite-arm64-legacy") -> str:
+def cluster_yaml(extra: str = "", base: str = "raspios-lite-arm64-legacy", computes: int = 1) -> str:
+    nodes = "".join(f"  - {{hostname: node{i:02d}, role: compute, ip: 10.0.0.{10 + i}}}\n" for i in range(1, computes + 1))
     return f"""\
 name: failing
 base: {base}
@@ -29,8 +30,7 @@ admin: {{name: alice, ssh_authorized_keys: ['{KEY}']}}
 {extra}
 nodes:
   - {{hostname: head, role: head, ip: 10.0.0.10}}
-  - {{hostname: node01, role: compute, ip: 10.0.0.11}}
-"""
+{nodes}"""
 
 
 @pytest.fixture
@@ -177,11 +177,12 @@ def _interrupt_when(args, env, cwd, marker: str, delay: float = 2.0, timeout: fl
 @pytest.mark.parametrize("marker", ["starting the libguestfs appliance", "writing node01.img"])
 def test_ctrl_c_during_stamp_and_write(work, marker):
     tmp_path, env, _ = work
-    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
-    # No packages: a layer that is cheap to build. Large headroom: a 4 GiB (sparse) image whose
-    # conversion and checksum take long enough to be interrupted in the middle.
-    _profiles(tmp_path, "packages: []\nheadroom_mb: 3072\n")
-    rc, err = _interrupt_when(["build", "--hostname", "node01", "--compress", "none"], env, tmp_path, marker, delay=0.3)
+    # Six package-less compute nodes: layers cheap to build, and a publishing phase long
+    # enough (two images at a time) for the interrupt to land in the middle of it.
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml(computes=6))
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
+    rc, err = _interrupt_when(["build", "--all", "--role", "compute", "--compress", "none"], env, tmp_path, marker,
+                              delay=0.3)
     assert rc == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert leftovers(tmp_path) == []
