@@ -1,36 +1,61 @@
-"""The inventory: cluster.yaml → a validated, frozen model.
+"""The inventory: cluster.yaml → a validated, frozen model of the cluster.
+
+Owns the schema of cluster.yaml, its defaults, the embedded default cluster (used when there
+is no cluster.yaml, so `piimage build --role compute --hostname node02` works as is), node
+selection for the command line (`--hostname`, `--role`, `--all`) and `piimage init`.
 
 Every problem is collected and reported at once, each with its file, line and key path
-(`cluster.yaml:14: nodes[2].ip: …`), before anything is downloaded or written. With no
-cluster.yaml, an embedded example cluster is used so `piimage build` works out of the box.
+(`cluster.yaml:14: nodes[2].ip: 10.0.1.12 is outside the cluster subnet 10.0.0.0/24`), before
+anything is downloaded or written. Loading has no side effect: it reads cluster.yaml and the
+public key files it names, nothing else. Secrets (password hashes, private keys) never appear
+in a message.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
-import ipaddress
-import logging
+import json
 import os
 import pwd
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from . import fetch
 from .errors import InventoryError, UserError
+from .fsutil import write_atomic
+from .log import log
+from .secrets import ensure_secrets_dir
 from .suggest import unknown
 
-log = logging.getLogger("piimage")
-
 DEFAULT_FILE = "cluster.yaml"
+DEFAULT_SOURCE_LABEL = "built-in default cluster"
 
-# Hardware models: CPUs and the RealMemory SLURM is told (MB), kept below what slurmd
-# detects on the board (the firmware and kernel take their share), or the node drains.
+# Defaults of the optional keys; the embedded default cluster and `piimage init` use the same.
+# 10.42.0.0/24: private, and unlike 192.168.0/1.x and 10.0.0.x rarely a home router's own.
+DEFAULT_NAME = "picluster"
+DEFAULT_BASE = "raspios-lite-arm64"
+DEFAULT_SUBNET = "10.42.0.0/24"
+DEFAULT_INTERFACE = "eth0"
+DEFAULT_ADMIN = "admin"
+DEFAULT_TIMEZONE = "Etc/UTC"
+DEFAULT_MODEL = "pi4-2gb"
+DEFAULT_SECRETS_DIR = ".piimage/secrets"
+DEFAULT_SHARED_PATH = "/clusterfs"
+DEFAULT_CLUSTER_USER = ("mpiuser", 1500)
+DEFAULT_NODES = (("head", "head", 10), *((f"node{i:02d}", "compute", 10 + i) for i in range(1, 5)))
+
+# Hardware models: CPUs and the RealMemory SLURM is told (MB). It must stay at or below what
+# slurmd detects on the board (firmware and kernel keep their share), or the node drains.
 HARDWARE_MODELS: dict[str, tuple[int, int]] = {
-    "pi3-1gb": (4, 800),
     "pi4-1gb": (4, 800),
     "pi4-2gb": (4, 1800),
     "pi4-4gb": (4, 3700),
@@ -42,18 +67,11 @@ HARDWARE_MODELS: dict[str, tuple[int, int]] = {
 }
 POE_HATS = ("rpi-poe", "rpi-poe-plus")
 
-HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-CLUSTER_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-TIMEZONE_RE = re.compile(r"^(?:UTC|Etc/[A-Za-z0-9+-]+|[A-Z][A-Za-z_-]+(?:/[A-Za-z0-9_+-]+){1,2})$")
-IFACE_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,15}$")
-PUBKEY_RE = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)\s+[A-Za-z0-9+/=]{16,}(\s+.*)?$")
-HASH_RE = re.compile(r"^\$(6|5|y|gy|2[aby]|7)\$[./A-Za-z0-9$=,]{8,}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-UUID_RE = re.compile(r"^(?:[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}|[0-9A-Fa-f]{16})$")
-
-TOP_KEYS = {"name", "base", "base_sha256", "network", "admin", "timezone", "hardware", "secrets_dir", "apt", "shared",
-            "cluster_user", "stages", "nodes"}
+# fmt: off
+TOP_KEYS = {
+    "name", "base", "base_sha256", "network", "admin", "timezone", "hardware", "secrets_dir",
+    "apt", "shared", "cluster_user", "stages", "nodes",
+}
 NETWORK_KEYS = {"subnet", "gateway", "dns", "interface"}
 ADMIN_KEYS = {"name", "ssh_authorized_keys", "password_hash"}
 HARDWARE_KEYS = {"model", "poe_hat"}
@@ -61,15 +79,54 @@ NODE_HARDWARE_KEYS = {"model"}
 APT_KEYS = {"mirror", "proxy"}
 SHARED_KEYS = {"path", "device_uuid"}
 CLUSTER_USER_KEYS = {"name", "uid"}
-NODE_KEYS = {"hostname", "role", "ip", "hardware"}
+# runs_jobs: the node is a SLURM compute node (slurmd, listed in slurm.conf). Always true for
+# role compute; a head (or a role of your own) that should also run jobs sets it.
+NODE_KEYS = {"hostname", "role", "ip", "hardware", "runs_jobs"}
+
+HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")  # one RFC 1123 label
+CLUSTER_NAME_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+TIMEZONE_RE = re.compile(r"^(?:UTC|[A-Z][A-Za-z_-]*(?:/[A-Za-z0-9_+-]+){1,2})$")
+IFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+UUID_RE = re.compile(
+    r"^(?:[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}|[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}"
+    r"|[0-9A-Fa-f]{16})$"
+)  # ext4/btrfs/xfs, vfat/exfat, ntfs
+_B64 = r"[./0-9A-Za-z]"
+PASSWORD_HASH_RES = (
+    re.compile(rf"^\$6\$(?:rounds=\d+\$)?{_B64}{{0,16}}\${_B64}{{86}}$"),  # sha512-crypt
+    re.compile(rf"^\$5\$(?:rounds=\d+\$)?{_B64}{{0,16}}\${_B64}{{43}}$"),  # sha256-crypt
+    re.compile(rf"^\$g?y\${_B64}+\${_B64}+\${_B64}{{43}}$"),  # yescrypt, gost-yescrypt
+)
+KEY_TYPES = {
+    "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+}
+MAX_KEY_FILE = 64 * 1024
+# Accounts the image already has (or its packages create): neither user may take one.
+SYSTEM_USERS = {
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
+    "proxy", "www-data", "backup", "list", "irc", "nobody", "_apt", "messagebus", "sshd",
+    "munge", "slurm", "statd", "_rpc", "_chrony", "systemd-network", "systemd-timesync",
+}
+SYSTEM_DIRS = {
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/media", "/mnt", "/opt", "/proc",
+    "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+}
+# fmt: on
+ZONEINFO = Path("/usr/share/zoneinfo")
 
 
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Network:
     subnet: IPv4Network
     gateway: IPv4Address
     dns: tuple[IPv4Address, ...]
-    interface: str = "eth0"
+    interface: str = DEFAULT_INTERFACE
 
     @property
     def prefixlen(self) -> int:
@@ -79,8 +136,9 @@ class Network:
 @dataclass(frozen=True)
 class AdminUser:
     name: str
+    # key texts ("ssh-ed25519 AAAA… comment"); files named in cluster.yaml are read at load
     ssh_authorized_keys: tuple[str, ...]
-    password_hash: str | None = field(default=None, repr=False)
+    password_hash: str | None = field(default=None, repr=False)  # kept out of logs and tracebacks
 
     @property
     def home(self) -> str:
@@ -91,7 +149,7 @@ class AdminUser:
 class Hardware:
     model: str
     cpus: int
-    memory_mb: int
+    memory_mb: int  # SLURM RealMemory
     poe_hat: str | None = None
 
 
@@ -100,7 +158,8 @@ class Node:
     hostname: str
     role: str
     ip: IPv4Address
-    hardware: Hardware | None = None
+    hardware: Hardware  # the node's own model if it overrides the cluster's, else the cluster's
+    runs_jobs: bool = False  # a SLURM compute node (always for role compute)
 
 
 @dataclass(frozen=True)
@@ -111,14 +170,18 @@ class AptSettings:
 
 @dataclass(frozen=True)
 class SharedStorage:
-    path: str = "/clusterfs"
+    path: str = DEFAULT_SHARED_PATH
     device_uuid: str | None = None
 
 
 @dataclass(frozen=True)
 class ClusterUser:
-    name: str = "mpiuser"
-    uid: int = 1500
+    name: str = DEFAULT_CLUSTER_USER[0]
+    uid: int = DEFAULT_CLUSTER_USER[1]
+
+    @property
+    def home(self) -> str:
+        return f"/home/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -131,15 +194,16 @@ class Cluster:
     timezone: str
     hardware: Hardware
     nodes: tuple[Node, ...]
-    secrets_dir: Path
-    base_dir: Path
-    source: Path | None = None
+    secrets_dir: Path  # absolute
+    base_dir: Path  # what relative paths in the inventory are relative to
+    source: Path | None = None  # the cluster.yaml read, None for the built-in default
     apt: AptSettings = AptSettings()
     shared: SharedStorage = SharedStorage()
     cluster_user: ClusterUser = ClusterUser()
-    stages: tuple[Path, ...] = ()
+    stages: tuple[Path, ...] = ()  # absolute, existing
 
     def node(self, hostname: str) -> Node:
+        """The node of that hostname (hostnames ignore case); KeyError if there is none."""
         for n in self.nodes:
             if n.hostname.lower() == hostname.lower():
                 return n
@@ -152,48 +216,79 @@ class Cluster:
     def head(self) -> Node | None:
         return next((n for n in self.nodes if n.role == "head"), None)
 
-    def hardware_of(self, node: Node) -> Hardware:
-        return node.hardware or self.hardware
+    @property
+    def compute_nodes(self) -> tuple[Node, ...]:
+        """The nodes SLURM runs jobs on, in inventory order."""
+        return tuple(n for n in self.nodes if n.runs_jobs)
+
+    def to_context(self) -> dict[str, Any]:
+        """Plain data for templates (no secrets: the password hash is only `has_password`)."""
+        nodes = [_node_context(n, self.network) for n in self.nodes]
+        by_name = {n["hostname"]: n for n in nodes}
+        head = self.head
+        return {
+            "cluster": {"name": self.name, "timezone": self.timezone},
+            "network": {
+                "subnet": str(self.network.subnet),
+                "prefixlen": self.network.prefixlen,
+                "netmask": str(self.network.subnet.netmask),
+                "gateway": str(self.network.gateway),
+                "dns": [str(d) for d in self.network.dns],
+                "interface": self.network.interface,
+            },
+            "admin": {
+                "name": self.admin.name,
+                "home": self.admin.home,
+                "group": self.admin.name,
+                "ssh_authorized_keys": list(self.admin.ssh_authorized_keys),
+                "has_password": self.admin.password_hash is not None,
+            },
+            "hardware": _hardware_context(self.hardware),
+            "nodes": nodes,
+            "head": by_name[head.hostname] if head else None,
+            "compute_nodes": [by_name[n.hostname] for n in self.compute_nodes],
+            "apt": {"mirror": self.apt.mirror, "proxy": self.apt.proxy},
+            "shared": {"path": self.shared.path, "device_uuid": self.shared.device_uuid},
+            "cluster_user": {
+                "name": self.cluster_user.name,
+                "uid": self.cluster_user.uid,
+                "home": self.cluster_user.home,
+            },
+        }
+
+
+def _hardware_context(h: Hardware) -> dict[str, Any]:
+    return {"model": h.model, "cpus": h.cpus, "memory_mb": h.memory_mb, "poe_hat": h.poe_hat}
+
+
+def _node_context(n: Node, net: Network) -> dict[str, Any]:
+    hw = _hardware_context(n.hardware)
+    return {
+        "hostname": n.hostname,
+        "role": n.role,
+        "ip": str(n.ip),
+        "cidr": f"{n.ip}/{net.prefixlen}",
+        "runs_jobs": n.runs_jobs,
+        "model": hw["model"],
+        "cpus": hw["cpus"],
+        "memory_mb": hw["memory_mb"],
+        "hardware": hw,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # YAML with locations
 # ---------------------------------------------------------------------------------------------
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also keeps the line of every mapping value and sequence item."""
+    """Safe tags only (no arbitrary objects); composes nodes so their marks give line numbers."""
 
 
-def _compose_with_lines(text: str, where: str) -> tuple[Any, dict[tuple, int]]:
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        line = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise InventoryError([f"{where}{line}: malformed YAML: {e.problem or e}"]) from None
-    except yaml.YAMLError as e:
-        raise InventoryError([f"{where}: malformed YAML: {e}"]) from None
-    lines: dict[tuple, int] = {}
-    scalar = yaml.SafeLoader("")  # builds plain values from scalar nodes (safe tags only)
-
-    def walk(n, path: tuple) -> Any:
-        lines.setdefault(path, n.start_mark.line + 1)
-        if isinstance(n, yaml.MappingNode):
-            out = {}
-            for k, v in n.value:
-                key = scalar.construct_object(k) if isinstance(k, yaml.ScalarNode) else str(k.value)
-                lines[path + (key,)] = k.start_mark.line + 1
-                out[key] = walk(v, path + (key,))
-            return out
-        if isinstance(n, yaml.SequenceNode):
-            return [walk(v, path + (i,)) for i, v in enumerate(n.value)]
-        return scalar.construct_object(n)
-
-    if node is None:
-        return None, lines
-    try:
-        return walk(node, ()), lines
-    except yaml.YAMLError as e:
-        raise InventoryError([f"{where}: malformed YAML: {e}"]) from None
+@dataclass
+class _Doc:
+    value: Any
+    lines: dict[tuple, int]  # key path -> line (a key's own line; an item's first line)
+    raw: dict[tuple, str]  # source text of plain scalars that YAML read as non-text (`no`, `0012`)
+    problems: list[tuple[tuple, str]]  # found while reading (duplicate keys, bad tags)
 
 
 def _fmt_path(path: tuple) -> str:
@@ -203,120 +298,372 @@ def _fmt_path(path: tuple) -> str:
     return out
 
 
-class _Problems:
-    def __init__(self, where: str, lines: dict[tuple, int]):
+def _yaml_error(where: str, e: yaml.MarkedYAMLError) -> str:
+    mark = e.problem_mark or e.context_mark
+    loc = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+    reason = e.problem or e.context or "cannot be parsed"
+    if e.context and e.problem:
+        context = e.context
+        if (
+            context.startswith("while")
+            and e.context_mark
+            and e.problem_mark
+            and e.context_mark.line != e.problem_mark.line
+        ):
+            context += f" that starts at line {e.context_mark.line + 1}"
+        reason = (
+            f"{context}, {e.problem}" if e.problem.startswith("but ") else f"{context}: {e.problem}"
+        )
+    return f"{loc}: malformed YAML: {reason}"
+
+
+def _read_yaml(text: str, where: str) -> _Doc:
+    """Parse with marks; a syntax error is fatal (nothing after it can be trusted)."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as e:
+        raise InventoryError([_yaml_error(where, e)]) from None
+    except yaml.YAMLError as e:
+        raise InventoryError([f"{where}: malformed YAML: {e}"]) from None
+    finally:
+        loader.dispose()
+    doc = _Doc(None, {}, {}, [])
+    builder = _Loader("")  # builds scalars and resolves `<<` merges, safe tags only
+
+    def walk(node: yaml.Node, path: tuple) -> Any:
+        doc.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            if node.tag != "tag:yaml.org,2002:map":
+                doc.problems.append((path, f"unsupported YAML tag {node.tag}"))
+                return None
+            first: dict[str, int] = {}
+            for k, _ in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    line = k.start_mark.line + 1
+                    if k.value in first:
+                        doc.problems.append(
+                            (path + (k.value,), f"given twice (also at line {first[k.value]})")
+                        )
+                    first[k.value] = line
+            try:
+                builder.flatten_mapping(node)
+            except yaml.MarkedYAMLError as e:
+                doc.problems.append((path, f"cannot merge: {e.problem}"))
+                return {}
+            out: dict[str, Any] = {}
+            for k, v in node.value:
+                if not isinstance(k, yaml.ScalarNode):
+                    doc.lines.setdefault(path + ("?",), k.start_mark.line + 1)
+                    doc.problems.append((path + ("?",), "keys must be plain names"))
+                    continue
+                # keys by their source text: `no:` or `1:` are names here, not false or 1
+                doc.lines[path + (k.value,)] = k.start_mark.line + 1
+                out[k.value] = walk(v, path + (k.value,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != "tag:yaml.org,2002:seq":
+                doc.problems.append((path, f"unsupported YAML tag {node.tag}"))
+                return None
+            return [walk(v, path + (i,)) for i, v in enumerate(node.value)]
+        try:
+            value = builder.construct_object(node)
+        except yaml.MarkedYAMLError as e:
+            doc.problems.append((path, f"cannot read this value: {e.problem}"))
+            return None
+        if isinstance(value, str) and "\0" in value:
+            doc.problems.append((path, "contains a NUL character"))
+            return None
+        if node.style is None and value is not None and not isinstance(value, str):
+            doc.raw[path] = node.value
+        return value
+
+    if root is not None:
+        doc.value = walk(root, ())
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting problems
+# ---------------------------------------------------------------------------------------------
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "nothing"
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "text"
+    return type(v).__name__
+
+
+class _Checker:
+    """Holds the document and the problems found so far; helpers read typed values."""
+
+    def __init__(self, where: str, doc: _Doc):
         self.where = where
-        self.lines = lines
-        self.items: list[str] = []
+        self.doc = doc
+        self._items: list[tuple[int, int, str]] = []
+        for path, msg in doc.problems:
+            self.add(path, msg)
+
+    def line(self, path: tuple) -> int | None:
+        while True:
+            if path in self.doc.lines:
+                return self.doc.lines[path]
+            if not path:
+                return None
+            path = path[:-1]
 
     def add(self, path: tuple, msg: str) -> None:
-        line = None
-        p = path
-        while p and line is None:
-            line = self.lines.get(p)
-            p = p[:-1]
+        line = self.line(path)
         loc = f"{self.where}:{line}" if line else self.where
         key = _fmt_path(path)
-        self.items.append(f"{loc}: {key}: {msg}" if key else f"{loc}: {msg}")
+        self._items.append(
+            (line or 0, len(self._items), f"{loc}: {key}: {msg}" if key else f"{loc}: {msg}")
+        )
 
+    @property
+    def problems(self) -> list[str]:
+        return [text for _, _, text in sorted(self._items)]
 
-def _unknown_keys(doc: dict, allowed: set[str], path: tuple, pr: _Problems) -> None:
-    for k in doc:
-        if k not in allowed:
-            pr.add(path + (k,), unknown("key", k, allowed))
+    def mapping(self, value: Any, path: tuple, allowed: set[str]) -> dict[str, Any]:
+        """A mapping (None: empty) whose keys are all known; anything else is reported."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.add(path, f"expected a mapping (key: value), got {_type_name(value)}")
+            return {}
+        for k in value:
+            if k not in allowed:
+                self.add(path + (k,), unknown("key", k, allowed))
+        return value
 
-
-def _mapping(doc: dict, key: str, allowed: set[str], path: tuple, pr: _Problems) -> dict:
-    v = doc.get(key)
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        pr.add(path + (key,), f"expected a mapping, got {type(v).__name__}")
-        return {}
-    _unknown_keys(v, allowed, path + (key,), pr)
-    return v
-
-
-def _str(d: dict, key: str, path: tuple, pr: _Problems, default: str | None = None) -> str | None:
-    v = d.get(key, default)
-    if v is None:
-        return None
-    if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-        pr.add(path + (key,), f"expected a text value, got {type(v).__name__}")
+    def text(self, d: dict, key: str, path: tuple, default: str | None = None) -> str | None:
+        """A text value; a plain scalar YAML read as a number or boolean keeps its source text."""
+        v = d.get(key)
+        p = path + (key,)
+        if v is None:
+            return default
+        if isinstance(v, str):
+            return v.strip()
+        if p in self.doc.raw and not isinstance(v, (dict, list)):
+            return self.doc.raw[p]
+        self.add(p, f"expected text, got {_type_name(v)}")
         return default
-    return str(v)
 
-
-def _ip(value: Any, path: tuple, pr: _Problems) -> IPv4Address | None:
-    try:
-        return IPv4Address(str(value))
-    except (ipaddress.AddressValueError, ValueError):
-        pr.add(path, f"'{value}' is not an IPv4 address")
+    def integer(self, d: dict, key: str, path: tuple, default: int) -> int | None:
+        v = d.get(key)
+        if v is None:
+            return default
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        self.add(path + (key,), f"expected a whole number, got {_type_name(v)}")
         return None
 
-
-def _url(value: Any, path: tuple, pr: _Problems) -> str | None:
-    if value is None:
+    def boolean(self, d: dict, key: str, path: tuple) -> bool | None:
+        v = d.get(key)
+        if v is None or isinstance(v, bool):
+            return v
+        self.add(path + (key,), f"expected true or false, got {_type_name(v)}")
         return None
-    s = str(value)
-    if not re.match(r"^https?://[^\s/]+(/\S*)?$", s):
-        pr.add(path, f"'{s}' is not an http(s) URL")
-        return None
-    return s
 
+    def text_list(
+        self, d: dict, key: str, path: tuple, item: str, items: str
+    ) -> list[tuple[tuple, str]] | None:
+        """A list of texts (one text alone is taken as a list of one), each with its path;
+        None if the key is absent."""
+        v = d.get(key)
+        p = path + (key,)
+        if v is None:
+            return None
+        if isinstance(v, str):
+            return [(p, v.strip())]
+        if not isinstance(v, list):
+            self.add(p, f"expected a list of {items}, got {_type_name(v)}")
+            return []
+        out = []
+        for i, entry in enumerate(v):
+            if isinstance(entry, str) and entry.strip():
+                out.append((p + (i,), entry.strip()))
+            elif p + (i,) in self.doc.raw:
+                out.append((p + (i,), self.doc.raw[p + (i,)]))
+            else:
+                self.add(p + (i,), f"expected {item}, got {_type_name(entry)}")
+        return out
 
-# ---------------------------------------------------------------------------------------------
-# SSH keys
-# ---------------------------------------------------------------------------------------------
-def _key_texts(entries: Any, base_dir: Path, home: Path, path: tuple, pr: _Problems) -> tuple[str, ...]:
-    if entries is None:
-        return ()
-    if isinstance(entries, str):
-        entries = [entries]
-    if not isinstance(entries, list):
-        pr.add(path, "expected a list of public keys or .pub file paths")
-        return ()
-    keys: list[str] = []
-    for i, e in enumerate(entries):
-        p = path + (i,)
-        if not isinstance(e, str) or not e.strip():
-            pr.add(p, "expected a public key or a path to a .pub file")
-            continue
-        e = e.strip()
-        if PUBKEY_RE.match(e):
-            keys.append(e)
-            continue
-        if "PRIVATE KEY" in e:
-            pr.add(p, "this is a private key; give the public key (.pub) instead")
-            continue
-        if re.match(r"^(ssh-|ecdsa-|sk-)", e):
-            pr.add(p, "does not look like an OpenSSH public key (type, base64 data, optional comment)")
-            continue
-        f = Path(os.path.expanduser(e.replace("~", str(home), 1) if e.startswith("~") else e))
-        if not f.is_absolute():
-            f = base_dir / f
-        if not f.exists():
-            pr.add(p, f"key file {f} does not exist")
-            continue
+    def ip(self, value: str, path: tuple) -> IPv4Address | None:
         try:
-            text = f.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            pr.add(p, f"key file {f} cannot be read: {getattr(err, 'strerror', None) or err}")
+            return IPv4Address(value)
+        except ValueError:
+            if "/" in value:
+                self.add(
+                    path,
+                    f"'{value}': give the address without a prefix length (the subnet sets it)",
+                )
+            else:
+                self.add(path, f"'{value}' is not an IPv4 address")
+            return None
+
+    def url(self, d: dict, key: str, path: tuple) -> str | None:
+        value = self.text(d, key, path)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or any(c.isspace() for c in value)
+        ):
+            self.add(path + (key,), f"'{value}' is not an http(s) URL")
+            return None
+        return value
+
+
+def _resolve_path(value: str, base_dir: Path, home: Path) -> Path:
+    """`~` is the invoking user's home (the sudo caller's, not root's); relative → base_dir."""
+    if value == "~" or value.startswith("~/"):
+        p = home / value[2:]
+    else:
+        p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else base_dir / p
+
+
+# ---------------------------------------------------------------------------------------------
+# SSH public keys
+# ---------------------------------------------------------------------------------------------
+def _split_options(line: str) -> tuple[str, str]:
+    """authorized_keys options (`from="…",no-pty`) come before the key type and have no
+    whitespace outside double quotes."""
+    quoted = False
+    for i, c in enumerate(line):
+        if c == '"' and (i == 0 or line[i - 1] != "\\"):
+            quoted = not quoted
+        elif c.isspace() and not quoted:
+            return line[:i], line[i:].lstrip()
+    return line, ""
+
+
+def public_key_problem(line: str) -> str | None:
+    """Why `line` is not an OpenSSH public key (authorized_keys form), or None if it is one."""
+    fields = line.split()
+    if fields and fields[0] not in KEY_TYPES and fields[0] != "ssh-dss":
+        fields = _split_options(line)[1].split()  # skip options, if any
+    if not fields or (fields[0] not in KEY_TYPES and fields[0] != "ssh-dss"):
+        return "expected 'ssh-ed25519 AAAA… comment' or another OpenSSH key type"
+    kind = fields[0]
+    if kind == "ssh-dss":
+        return (
+            "a DSA key, which current OpenSSH refuses; use an ed25519 key (ssh-keygen -t ed25519)"
+        )
+    if len(fields) < 2:
+        return f"no key data after '{kind}'"
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except (binascii.Error, ValueError):
+        return "the key data is not valid base64"
+    n = int.from_bytes(blob[:4], "big")
+    if len(blob) < 4 + n or blob[4 : 4 + n] != kind.encode():
+        return f"the key data is not that of a {kind} key (cut short, or pasted from another key?)"
+    return None
+
+
+def _looks_like_key_text(entry: str) -> bool:
+    """Key text rather than a file path: it starts with a key type, or has several words and
+    one is a key type (authorized_keys options first) or the first looks like one (a typo)."""
+    words = entry.split()
+    if not words:
+        return False
+    if words[0] in KEY_TYPES or words[0] == "ssh-dss":
+        return True
+    return len(words) > 1 and (
+        words[0].startswith(("ssh-", "ecdsa-", "sk-")) or any(w in KEY_TYPES for w in words)
+    )
+
+
+def _is_private(text: str) -> bool:
+    return "PRIVATE KEY-----" in text or text.startswith("PuTTY-User-Key-File")
+
+
+def _read_key_file(f: Path) -> tuple[list[str], str | None]:
+    """The public keys in file `f`, or why there are none to take."""
+    try:
+        if f.is_dir():
+            return [], f"{f} is a directory, not a public key file"
+        if f.stat().st_size > MAX_KEY_FILE:
+            return [], f"{f} is too large to be a public key file"
+        data = f.read_bytes()
+    except FileNotFoundError:
+        return [], f"key file {f} does not exist"
+    except OSError as e:
+        return [], f"key file {f} cannot be read ({e.strerror or e})"
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        text = ""
+    if _is_private(text) or b"PRIVATE KEY-----" in data:
+        # never quote it; say what to give instead
+        pub = f if f.name.endswith(".pub") else f.with_name(f.name + ".pub")
+        return [], f"{f} is a private key; refusing it (give the public key, {pub})"
+    if not text:
+        return [], f"{f} is not a text file, so not an OpenSSH public key"
+    if text.lstrip().startswith("---- BEGIN SSH2 PUBLIC KEY"):
+        return [], f"{f} is in RFC 4716 (PuTTY/SSH2) form; convert it: ssh-keygen -i -f {f}"
+    keys = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
-        if "PRIVATE KEY" in text:
-            pr.add(p, f"{f} is a private key; give the public key ({f}.pub) instead")
-            continue
-        found = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-        bad = [ln for ln in found if not PUBKEY_RE.match(ln)]
-        if not found or bad:
-            pr.add(p, f"{f} does not hold OpenSSH public keys")
-            continue
-        keys.extend(found)
-    return tuple(dict.fromkeys(keys))
+        reason = public_key_problem(line)
+        if reason:
+            return [], f"{f}: line {n} does not look like an OpenSSH public key ({reason})"
+        keys.append(line)
+    return keys, None if keys else f"{f} holds no public key"
+
+
+def _authorized_keys(
+    d: dict, path: tuple, ck: _Checker, base_dir: Path, home: Path
+) -> tuple[str, ...]:
+    entries = (
+        ck.text_list(
+            d,
+            "ssh_authorized_keys",
+            path,
+            "a public key or a .pub file path",
+            "public keys or .pub file paths",
+        )
+        or []
+    )
+    keys: list[str] = []
+    for p, entry in entries:
+        if _is_private(entry) or entry.startswith("-----BEGIN"):
+            ck.add(
+                p, "this is a private key; give the public key (the .pub file or its text) instead"
+            )
+        elif _looks_like_key_text(entry):
+            lines = [ln.strip() for ln in entry.splitlines() if ln.strip()]
+            reasons = [r for r in map(public_key_problem, lines) if r]
+            if reasons:
+                ck.add(p, f"does not look like an OpenSSH public key ({reasons[0]})")
+            else:
+                keys.extend(lines)
+        else:
+            found, problem = _read_key_file(_resolve_path(entry, base_dir, home))
+            if problem:
+                ck.add(p, problem)
+            keys.extend(found)
+    return tuple(dict.fromkeys(keys))  # once each, in order
 
 
 def invoking_home() -> Path:
-    """The home of the user who ran the command (through sudo: the one who typed sudo)."""
+    """The home of the user who ran the command; through sudo, the one who typed sudo."""
     sudo_user = os.environ.get("SUDO_USER")
     if sudo_user and sudo_user != "root":
         try:
@@ -326,335 +673,668 @@ def invoking_home() -> Path:
     return Path(os.environ.get("HOME") or Path.home())
 
 
-def default_public_keys() -> list[str]:
-    ssh = invoking_home() / ".ssh"
-    return [str(p) for p in sorted(ssh.glob("id_*.pub"))] if ssh.is_dir() else []
+def default_key_files(home: Path | None = None) -> list[str]:
+    """The invoking user's usable public keys as `~/.ssh/id_*.pub` (resolved against that
+    user's home at load time); unusable ones are skipped with a warning."""
+    ssh = (home or invoking_home()) / ".ssh"
+    found = []
+    for f in sorted(ssh.glob("id_*.pub")) if ssh.is_dir() else []:
+        problem = _read_key_file(f)[1]
+        if problem:
+            log.warning("not using %s", problem)
+        else:
+            found.append(f"~/.ssh/{f.name}")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
+# Validation, section by section
 # ---------------------------------------------------------------------------------------------
-def _hardware(d: dict, path: tuple, pr: _Problems, inherit_poe: str | None = None) -> Hardware | None:
-    model = _str(d, "model", path, pr, "pi4-2gb")
-    if model not in HARDWARE_MODELS:
-        pr.add(path + ("model",), unknown("hardware model", model, HARDWARE_MODELS))
-        return None
-    poe = d.get("poe_hat", inherit_poe)
-    if poe is not None and poe not in POE_HATS:
-        pr.add(path + ("poe_hat",), f"'{poe}' is not a PoE HAT overlay (use {' or '.join(POE_HATS)}, or null)")
-        poe = None
-    cpus, mem = HARDWARE_MODELS[model]
-    return Hardware(model, cpus, mem, poe)
-
-
-def validate(doc: Any, *, where: str, lines: dict[tuple, int], base_dir: Path, known_roles: Collection[str],
-             home: Path | None = None, source: Path | None = None) -> Cluster:
-    pr = _Problems(where, lines)
-    home = home or invoking_home()
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise InventoryError([f"{where}: expected a mapping of settings at the top level (name:, network:, nodes: …)"])
-    _unknown_keys(doc, TOP_KEYS, (), pr)
-
-    name = _str(doc, "name", (), pr, "picluster") or "picluster"
+def _name(doc: dict, ck: _Checker) -> str:
+    name = ck.text(doc, "name", (), DEFAULT_NAME) or DEFAULT_NAME
     if not CLUSTER_NAME_RE.match(name):
-        pr.add(("name",), f"'{name}' is not a valid cluster name (lower-case letters, digits, '-')")
+        ck.add(
+            ("name",),
+            f"'{name}' is not a valid cluster name (lower-case letters, digits and '-', "
+            "not at either end; at most 63)",
+        )
+    return name
 
-    base = _str(doc, "base", (), pr, "raspios-lite-arm64") or "raspios-lite-arm64"
-    base_sha = _str(doc, "base_sha256", (), pr)
-    if base_sha is not None:
-        base_sha = base_sha.lower()
-        if not SHA256_RE.match(base_sha):
-            pr.add(("base_sha256",), "expected 64 hexadecimal digits")
 
-    # network
-    net = _mapping(doc, "network", NETWORK_KEYS, (), pr)
+def _base(doc: dict, ck: _Checker, base_dir: Path) -> tuple[str, str | None]:
+    base = ck.text(doc, "base", (), DEFAULT_BASE) or DEFAULT_BASE
+    digest = ck.text(doc, "base_sha256", ())
+    if digest is not None:
+        digest = digest.lower()
+        if not SHA256_RE.match(digest):
+            ck.add(("base_sha256",), "expected the image's SHA-256: 64 hexadecimal digits")
+    if (
+        base not in fetch.IMAGER_NAMES
+        and "://" not in base
+        and "/" not in base
+        and not base.endswith((".img", ".img.xz"))
+    ):
+        ck.add(
+            ("base",),
+            unknown("base image", base, fetch.IMAGER_NAMES)
+            + "; or give an http(s) URL of a .img.xz, or a local .img/.img.xz path",
+        )
+        return base, digest
+    try:
+        fetch.parse_base_spec(base, None, relative_to=base_dir)  # the same rules as the build
+    except UserError as e:
+        ck.add(("base",), e.message.removeprefix("base: "))
+    return base, digest
+
+
+def _network(doc: dict, ck: _Checker) -> Network | None:
+    path = ("network",)
+    net = ck.mapping(doc.get("network"), path, NETWORK_KEYS)
+    text = ck.text(net, "subnet", path, DEFAULT_SUBNET) or DEFAULT_SUBNET
     subnet = None
     try:
-        subnet = IPv4Network(str(net.get("subnet", "10.42.0.0/24")), strict=True)
+        if "/" not in text:  # IPv4Network would take it as a /32
+            raise ValueError("no prefix length")
+        subnet = IPv4Network(text, strict=True)
     except ValueError as e:
-        pr.add(("network", "subnet"), f"'{net.get('subnet')}' is not an IPv4 network like 10.0.0.0/24 ({e})")
-    gateway = _ip(net.get("gateway", str(next(subnet.hosts())) if subnet else "10.42.0.1"), ("network", "gateway"), pr)
-    if subnet and gateway and gateway not in subnet:
-        pr.add(("network", "gateway"), f"{gateway} is outside the cluster subnet {subnet}")
-    dns_raw = net.get("dns", [str(gateway)] if gateway else [])
-    if isinstance(dns_raw, str):
-        dns_raw = [dns_raw]
-    dns: list[IPv4Address] = []
-    if not isinstance(dns_raw, list):
-        pr.add(("network", "dns"), "expected a list of IPv4 addresses")
-    else:
-        for i, d in enumerate(dns_raw):
-            a = _ip(d, ("network", "dns", i), pr)
-            if a:
-                dns.append(a)
-    iface = _str(net, "interface", ("network",), pr, "eth0") or "eth0"
-    if not IFACE_RE.match(iface):
-        pr.add(("network", "interface"), f"'{iface}' is not a network interface name")
+        if "/" not in text:
+            ck.add(path + ("subnet",), f"'{text}' needs a prefix length, like 10.42.0.0/24")
+        elif "has host bits set" in str(e):
+            near = IPv4Network(text, strict=False)
+            ck.add(path + ("subnet",), f"'{text}' has host bits set (did you mean {near}?)")
+        else:
+            ck.add(path + ("subnet",), f"'{text}' is not an IPv4 network like 10.42.0.0/24")
+    if subnet is not None and subnet.prefixlen > 30:
+        ck.add(path + ("subnet",), f"{subnet} is too small for a cluster (at most /30)")
+        subnet = None
 
-    # admin
-    adm = _mapping(doc, "admin", ADMIN_KEYS, (), pr)
-    admin_name = _str(adm, "name", ("admin",), pr, "admin") or "admin"
-    if not USER_RE.match(admin_name):
-        pr.add(("admin", "name"), f"'{admin_name}' is not a valid user name (lower-case letters, digits, '_', '-')")
-    elif admin_name == "root":
-        pr.add(("admin", "name"), "the admin user cannot be root")
-    keys_entry = adm.get("ssh_authorized_keys") if "ssh_authorized_keys" in adm else None
-    keys = _key_texts(keys_entry, base_dir, home, ("admin", "ssh_authorized_keys"), pr)
+    gw_text = ck.text(net, "gateway", path)
+    if gw_text is None:
+        gateway = next(subnet.hosts()) if subnet else None  # the first address, by convention
+    else:
+        gateway = ck.ip(gw_text, path + ("gateway",))
+        if subnet and gateway:
+            if gateway not in subnet:
+                ck.add(path + ("gateway",), f"{gateway} is outside the cluster subnet {subnet}")
+            elif gateway in (subnet.network_address, subnet.broadcast_address):
+                ck.add(
+                    path + ("gateway",),
+                    f"{gateway} is the subnet's "
+                    f"{'network' if gateway == subnet.network_address else 'broadcast'} address",
+                )
+
+    dns: list[IPv4Address] = []
+    entries = ck.text_list(net, "dns", path, "an IPv4 address", "IPv4 addresses")
+    if entries is None:
+        dns = [gateway] if gateway else []
+    for p, entry in entries or []:
+        a = ck.ip(entry, p)
+        if a:
+            dns.append(a)
+
+    iface = ck.text(net, "interface", path, DEFAULT_INTERFACE) or DEFAULT_INTERFACE
+    if not IFACE_RE.match(iface):
+        ck.add(path + ("interface",), f"'{iface}' is not a network interface name (like eth0)")
+    if subnet is None or gateway is None:
+        return None
+    return Network(subnet, gateway, tuple(dns), iface)
+
+
+def _user_name(name: str, path: tuple, ck: _Checker) -> bool:
+    if not USER_RE.match(name):
+        ck.add(
+            path,
+            f"'{name}' is not a valid user name (lower-case letters, digits, '_', '-'; "
+            "starting with a letter or '_'; at most 32)",
+        )
+        return False
+    if name in SYSTEM_USERS:
+        ck.add(path, f"'{name}' is a system account of the image; pick another name")
+        return False
+    return True
+
+
+def _admin(doc: dict, ck: _Checker, base_dir: Path, home: Path) -> AdminUser:
+    path = ("admin",)
+    adm = ck.mapping(doc.get("admin"), path, ADMIN_KEYS)
+    name = ck.text(adm, "name", path, DEFAULT_ADMIN) or DEFAULT_ADMIN
+    _user_name(name, path + ("name",), ck)
+    keys = _authorized_keys(adm, path, ck, base_dir, home)
     pw_hash = adm.get("password_hash")
     if pw_hash is not None:
-        if not isinstance(pw_hash, str) or not HASH_RE.match(pw_hash):
-            # never echo what was given: it may be a real password typed by mistake
-            pr.add(("admin", "password_hash"), "not a crypt(3) hash ($6$… sha512-crypt or $y$… yescrypt); "
-                   "make one with: mkpasswd -m sha-512")
+        # never quote the value: it may be a real password typed by mistake
+        if not isinstance(pw_hash, str) or not any(
+            r.match(pw_hash.strip()) for r in PASSWORD_HASH_RES
+        ):
+            plain = isinstance(pw_hash, str) and "$" not in pw_hash
+            ck.add(
+                path + ("password_hash",),
+                "not a sha512-crypt ($6$…) or yescrypt ($y$…) hash (value not shown)"
+                + (
+                    "; it looks like a plain password — never put one in cluster.yaml"
+                    if plain
+                    else ""
+                )
+                + "; make one with: mkpasswd -m sha-512  (or: openssl passwd -6)",
+            )
             pw_hash = None
+        else:
+            pw_hash = pw_hash.strip()
+    return AdminUser(name, keys, pw_hash)
 
-    tz = _str(doc, "timezone", (), pr, "Etc/UTC") or "Etc/UTC"
+
+def _timezone(doc: dict, ck: _Checker) -> str:
+    tz = ck.text(doc, "timezone", (), DEFAULT_TIMEZONE) or DEFAULT_TIMEZONE
     if not TIMEZONE_RE.match(tz) or ".." in tz:
-        pr.add(("timezone",), f"'{tz}' is not a time zone name like Europe/London or Etc/UTC")
+        ck.add(
+            ("timezone",),
+            f"'{tz}' is not a time zone name in Area/City form, like Europe/London or Etc/UTC",
+        )
+    elif ZONEINFO.is_dir() and not (ZONEINFO / tz).is_file():
+        # the host's tz database is the image's Debian one, give or take a release
+        zones = [str(p.relative_to(ZONEINFO)) for p in ZONEINFO.glob("[A-Z]*/**/*") if p.is_file()]
+        near = difflib.get_close_matches(tz, zones, n=1)
+        ck.add(
+            ("timezone",),
+            f"unknown time zone '{tz}'"
+            + (f" (did you mean '{near[0]}'?)" if near else "")
+            + f"; see {ZONEINFO}",
+        )
+    return tz
 
-    hw = _hardware(_mapping(doc, "hardware", HARDWARE_KEYS, (), pr), ("hardware",), pr) or \
-        Hardware("pi4-2gb", *HARDWARE_MODELS["pi4-2gb"])
 
-    secrets_raw = _str(doc, "secrets_dir", (), pr, ".piimage/secrets") or ".piimage/secrets"
-    secrets_dir = Path(os.path.expanduser(secrets_raw))
-    if not secrets_dir.is_absolute():
-        secrets_dir = base_dir / secrets_dir
+def _hardware(d: dict, path: tuple, ck: _Checker, inherit: Hardware | None) -> Hardware | None:
+    model = ck.text(d, "model", path, inherit.model if inherit else DEFAULT_MODEL)
+    if model not in HARDWARE_MODELS:
+        ck.add(path + ("model",), unknown("hardware model", model, HARDWARE_MODELS))
+        return None
+    poe = inherit.poe_hat if inherit else ck.text(d, "poe_hat", path)
+    if poe is not None and poe not in POE_HATS:
+        ck.add(
+            path + ("poe_hat",),
+            f"'{poe}' is not a PoE HAT overlay (use {' or '.join(POE_HATS)}, or null)",
+        )
+        poe = None
+    cpus, memory = HARDWARE_MODELS[model]
+    return Hardware(model, cpus, memory, poe)
 
-    apt_d = _mapping(doc, "apt", APT_KEYS, (), pr)
-    apt = AptSettings(_url(apt_d.get("mirror"), ("apt", "mirror"), pr), _url(apt_d.get("proxy"), ("apt", "proxy"), pr))
 
-    sh = _mapping(doc, "shared", SHARED_KEYS, (), pr)
-    sh_path = _str(sh, "path", ("shared",), pr, "/clusterfs") or "/clusterfs"
-    if not sh_path.startswith("/") or sh_path in ("/", "/etc", "/usr", "/home", "/boot", "/var") or " " in sh_path:
-        pr.add(("shared", "path"), f"'{sh_path}' must be an absolute path of its own (e.g. /clusterfs)")
-    sh_uuid = _str(sh, "device_uuid", ("shared",), pr)
-    if sh_uuid is not None and not UUID_RE.match(sh_uuid):
-        pr.add(("shared", "device_uuid"), f"'{sh_uuid}' is not a filesystem UUID (see: lsblk -f)")
+def _shared(doc: dict, ck: _Checker) -> SharedStorage:
+    path = ("shared",)
+    sh = ck.mapping(doc.get("shared"), path, SHARED_KEYS)
+    where = ck.text(sh, "path", path, DEFAULT_SHARED_PATH) or DEFAULT_SHARED_PATH
+    if (
+        not where.startswith("/")
+        or os.path.normpath(where) != where
+        or any(c.isspace() for c in where)
+    ):
+        ck.add(
+            path + ("path",),
+            f"'{where}' must be a plain absolute path without spaces, like /clusterfs",
+        )
+    elif where in SYSTEM_DIRS or where.startswith(("/proc/", "/sys/", "/dev/", "/run/", "/boot/")):
+        ck.add(
+            path + ("path",),
+            f"'{where}' is a system directory; give the share its own, like /clusterfs",
+        )
+    uuid = ck.text(sh, "device_uuid", path)
+    if uuid is not None and not UUID_RE.match(uuid):
+        ck.add(path + ("device_uuid",), f"'{uuid}' is not a filesystem UUID (lsblk -f shows them)")
+    return SharedStorage(where, uuid)
 
-    cu = _mapping(doc, "cluster_user", CLUSTER_USER_KEYS, (), pr)
-    cu_name = _str(cu, "name", ("cluster_user",), pr, "mpiuser") or "mpiuser"
-    if not USER_RE.match(cu_name):
-        pr.add(("cluster_user", "name"), f"'{cu_name}' is not a valid user name")
-    elif cu_name == admin_name:
-        pr.add(("cluster_user", "name"), f"'{cu_name}' is also the admin user; pick another name")
-    cu_uid = cu.get("uid", 1500)
-    if not isinstance(cu_uid, int) or isinstance(cu_uid, bool) or not 1001 <= cu_uid <= 59999:
-        pr.add(("cluster_user", "uid"), f"{cu_uid!r} must be a number from 1001 to 59999 (1000 is the admin user)")
-        cu_uid = 1500
 
-    stages_raw = doc.get("stages") or []
-    stage_dirs: list[Path] = []
-    if not isinstance(stages_raw, list):
-        pr.add(("stages",), "expected a list of directories")
+def _cluster_user(doc: dict, ck: _Checker, admin: AdminUser) -> ClusterUser:
+    path = ("cluster_user",)
+    cu = ck.mapping(doc.get("cluster_user"), path, CLUSTER_USER_KEYS)
+    name = ck.text(cu, "name", path, DEFAULT_CLUSTER_USER[0]) or DEFAULT_CLUSTER_USER[0]
+    if _user_name(name, path + ("name",), ck) and name == admin.name:
+        ck.add(
+            path + ("name",),
+            f"'{name}' is also the admin user's name; the cluster user needs its own",
+        )
+    uid = ck.integer(cu, "uid", path, DEFAULT_CLUSTER_USER[1])
+    if uid is not None and not 1001 <= uid <= 59999:
+        ck.add(
+            path + ("uid",),
+            f"{uid} must be from 1001 to 59999 (a regular user's range; 1000 is the admin)",
+        )
+    return ClusterUser(name, uid or DEFAULT_CLUSTER_USER[1])
+
+
+def _stages(doc: dict, ck: _Checker, base_dir: Path, home: Path) -> tuple[Path, ...]:
+    dirs = []
+    for p, entry in ck.text_list(doc, "stages", (), "a directory", "directories") or []:
+        d = _resolve_path(entry, base_dir, home)
+        if not d.is_dir():
+            ck.add(p, f"stages directory {d} does not exist")
+        dirs.append(d)
+    return tuple(dirs)
+
+
+def _secrets_dir(doc: dict, ck: _Checker, base_dir: Path, home: Path) -> Path:
+    text = ck.text(doc, "secrets_dir", (), DEFAULT_SECRETS_DIR) or DEFAULT_SECRETS_DIR
+    d = _resolve_path(text, base_dir, home)
+    if d.exists() and not d.is_dir():
+        ck.add(("secrets_dir",), f"{d} exists and is not a directory")
+    return d
+
+
+@dataclass
+class _Seen:
+    """What earlier nodes took, so a later one can name the node it clashes with."""
+
+    hostnames: dict[str, tuple[int, str]] = field(
+        default_factory=dict
+    )  # lower-case -> (i, as given)
+    addresses: dict[IPv4Address, int] = field(default_factory=dict)
+    heads: list[int] = field(default_factory=list)
+
+
+def _nodes(
+    doc: dict,
+    ck: _Checker,
+    network: Network | None,
+    hardware: Hardware | None,
+    known_roles: Collection[str],
+) -> tuple[Node, ...]:
+    raw = doc.get("nodes")
+    if raw is None:
+        what = "no nodes given; list the cluster's nodes, each with hostname, role and ip"
+        ck.add(("nodes",), what)
+        return ()
+    if not isinstance(raw, list) or not raw:
+        got = "an empty list" if raw == [] else _type_name(raw)
+        ck.add(("nodes",), f"expected a non-empty list of nodes, got {got}")
+        return ()
+    seen = _Seen()
+    nodes = []
+    for i, item in enumerate(raw):
+        node = _node(item, ("nodes", i), ck, network, hardware, known_roles, seen)
+        if node:
+            nodes.append(node)
+    if not seen.heads and "head" in known_roles:
+        ck.add(("nodes",), "no node has role 'head': SLURM needs exactly one controller")
+    return tuple(nodes)
+
+
+def _node(
+    item: Any,
+    p: tuple,
+    ck: _Checker,
+    network: Network | None,
+    hardware: Hardware | None,
+    known_roles: Collection[str],
+    seen: _Seen,
+) -> Node | None:
+    if not isinstance(item, dict):
+        ck.add(p, f"expected a mapping with hostname, role and ip, got {_type_name(item)}")
+        return None
+    ck.mapping(item, p, NODE_KEYS)
+    missing = [k for k in ("hostname", "role", "ip") if item.get(k) is None]
+    if missing:
+        ck.add(p, f"missing {' and '.join(repr(k) for k in missing)}")
+    host = _node_hostname(item, p, ck, seen)
+    role = _node_role(item, p, ck, known_roles, seen)
+    ip = _node_ip(item, p, ck, network, seen)
+    hw = hardware
+    if item.get("hardware") is not None:
+        hw_map = ck.mapping(item["hardware"], p + ("hardware",), NODE_HARDWARE_KEYS)
+        if hw_map and hardware is not None:
+            hw = _hardware(hw_map, p + ("hardware",), ck, inherit=hardware)
+    runs_jobs = ck.boolean(item, "runs_jobs", p)
+    if role == "compute" and runs_jobs is False:
+        ck.add(p + ("runs_jobs",), "a compute node always runs jobs; give it another role instead")
+    runs_jobs = role == "compute" if runs_jobs is None else runs_jobs
+    if host and role and ip and hw:
+        return Node(host, role, ip, hw, runs_jobs)
+    return None
+
+
+def _node_hostname(item: dict, p: tuple, ck: _Checker, seen: _Seen) -> str | None:
+    host = ck.text(item, "hostname", p)
+    if host is None:
+        return None
+    p += ("hostname",)
+    if not HOSTNAME_RE.match(host):
+        ck.add(
+            p,
+            f"'{host}' is not a valid hostname (letters, digits, '-'; "
+            "not starting or ending with '-'; at most 63)",
+        )
+    elif host.lower() == "localhost":
+        ck.add(p, "'localhost' is taken by every machine; pick another hostname")
+    elif host.lower() in seen.hostnames:
+        j, other = seen.hostnames[host.lower()]
+        same = "" if other == host else f" as '{other}'; hostnames ignore case"
+        ck.add(p, f"hostname '{host}' is used twice (nodes[{j}]{same})")
     else:
-        for i, s in enumerate(stages_raw):
-            p = Path(os.path.expanduser(str(s)))
-            p = p if p.is_absolute() else base_dir / p
-            if not p.is_dir():
-                pr.add(("stages", i), f"stages directory {p} does not exist")
-            stage_dirs.append(p)
+        seen.hostnames[host.lower()] = (p[1], host)
+        return host
+    return None
 
-    # nodes
-    nodes: list[Node] = []
-    raw_nodes = doc.get("nodes")
-    if raw_nodes is None:
-        pr.add(("nodes",), "missing: list the cluster's nodes (hostname, role, ip)")
-        raw_nodes = []
-    elif not isinstance(raw_nodes, list) or not raw_nodes:
-        pr.add(("nodes",), "expected a non-empty list of nodes")
-        raw_nodes = []
-    seen_host: dict[str, int] = {}
-    seen_ip: dict[IPv4Address, int] = {}
-    for i, n in enumerate(raw_nodes):
-        p = ("nodes", i)
-        if not isinstance(n, dict):
-            pr.add(p, "expected a mapping with hostname, role and ip")
-            continue
-        _unknown_keys(n, NODE_KEYS, p, pr)
-        host = n.get("hostname")
-        role = n.get("role")
-        ok = True
-        if host is None:
-            pr.add(p, "missing hostname")
-            ok = False
-        elif not isinstance(host, str) or not HOSTNAME_RE.match(host):
-            pr.add(p + ("hostname",), f"'{host}' is not a valid hostname (letters, digits, '-'; at most 63)")
-            ok = False
-        elif host.lower() in seen_host:
-            pr.add(p + ("hostname",), f"hostname '{host}' is used twice (nodes[{seen_host[host.lower()]}])")
-            ok = False
-        else:
-            seen_host[host.lower()] = i
-        if role is None:
-            pr.add(p, "missing role")
-            ok = False
-        elif role not in known_roles:
-            pr.add(p + ("role",), unknown("role", role, known_roles))
-            ok = False
-        ip = None
-        if n.get("ip") is None:
-            pr.add(p, "missing ip")
-            ok = False
-        else:
-            ip = _ip(n["ip"], p + ("ip",), pr)
-            if ip is None:
-                ok = False
-            elif subnet is not None:
-                if ip not in subnet:
-                    pr.add(p + ("ip",), f"{ip} is outside the cluster subnet {subnet}")
-                    ok = False
-                elif ip == subnet.network_address:
-                    pr.add(p + ("ip",), f"{ip} is the subnet's network address")
-                    ok = False
-                elif ip == subnet.broadcast_address:
-                    pr.add(p + ("ip",), f"{ip} is the subnet's broadcast address")
-                    ok = False
-                elif ip == gateway:
-                    pr.add(p + ("ip",), f"{ip} is the gateway's address")
-                    ok = False
-            if ip is not None and ip in seen_ip:
-                pr.add(p + ("ip",), f"address {ip} is used twice (nodes[{seen_ip[ip]}])")
-                ok = False
-            elif ip is not None:
-                seen_ip[ip] = i
-        node_hw = None
-        if n.get("hardware") is not None:
-            if isinstance(n["hardware"], dict):
-                _unknown_keys(n["hardware"], NODE_HARDWARE_KEYS, p + ("hardware",), pr)
-                node_hw = _hardware(n["hardware"], p + ("hardware",), pr, inherit_poe=hw.poe_hat)
-            else:
-                pr.add(p + ("hardware",), "expected a mapping like {model: pi4-4gb}")
-        if ok and ip is not None:
-            nodes.append(Node(str(host), str(role), ip, node_hw))
-    heads = [i for i, n in enumerate(raw_nodes) if isinstance(n, dict) and n.get("role") == "head"]
-    if raw_nodes and "head" in known_roles:
-        if not heads:
-            pr.add(("nodes",), "no node has role 'head': SLURM needs exactly one controller")
-        for extra in heads[1:]:
-            pr.add(("nodes", extra, "role"), f"a second head node (the first is nodes[{heads[0]}]); SLURM needs exactly one")
 
-    if pr.items:
-        raise InventoryError(pr.items)
+def _node_role(
+    item: dict, p: tuple, ck: _Checker, known_roles: Collection[str], seen: _Seen
+) -> str | None:
+    role = ck.text(item, "role", p)
+    if role is None:
+        return None
+    if role not in known_roles:
+        roles = sorted(known_roles)
+        msg = unknown("role", role, roles)
+        if "did you mean" in msg:
+            msg += f"; known roles: {', '.join(roles)}"
+        ck.add(p + ("role",), msg + " — a role needs node-profiles/<role>.yaml")
+        return None
+    if role == "head":
+        if seen.heads:
+            first = seen.heads[0]
+            ck.add(
+                p + ("role",),
+                f"a second head node (the first is nodes[{first}]); SLURM needs exactly one",
+            )
+        seen.heads.append(p[1])
+    return role
+
+
+def _node_ip(
+    item: dict, p: tuple, ck: _Checker, network: Network | None, seen: _Seen
+) -> IPv4Address | None:
+    text = ck.text(item, "ip", p)
+    ip = ck.ip(text, p + ("ip",)) if text is not None else None
+    if ip is None:
+        return None
+    p += ("ip",)
+    if ip in seen.addresses:
+        ck.add(p, f"address {ip} is used twice (nodes[{seen.addresses[ip]}])")
+    else:
+        seen.addresses[ip] = p[1]
+    if network is not None:
+        subnet = network.subnet
+        if ip not in subnet:
+            ck.add(p, f"{ip} is outside the cluster subnet {subnet}")
+        elif ip == subnet.network_address:
+            ck.add(p, f"{ip} is the subnet's network address")
+        elif ip == subnet.broadcast_address:
+            ck.add(p, f"{ip} is the subnet's broadcast address")
+        elif ip == network.gateway:
+            ck.add(p, f"{ip} is the gateway's address")
+    return ip
+
+
+def _validate(
+    doc: _Doc,
+    *,
+    where: str,
+    base_dir: Path,
+    known_roles: Collection[str],
+    home: Path,
+    source: Path | None,
+) -> Cluster:
+    ck = _Checker(where, doc)
+    top = doc.value
+    if top is None:
+        top = {}
+    if not isinstance(top, dict):
+        line = doc.lines.get(())
+        loc = f"{where}:{line}" if line else where
+        raise InventoryError(
+            [
+                (
+                    f"{loc}: expected a mapping of settings at the top level (name:, network:, "
+                    f"nodes: …), got {_type_name(top)}"
+                )
+            ]
+        )
+    ck.mapping(top, (), TOP_KEYS)
+    name = _name(top, ck)
+    base, base_sha256 = _base(top, ck, base_dir)
+    network = _network(top, ck)
+    admin = _admin(top, ck, base_dir, home)
+    timezone = _timezone(top, ck)
+    hardware = _hardware(
+        ck.mapping(top.get("hardware"), ("hardware",), HARDWARE_KEYS), ("hardware",), ck, None
+    )
+    secrets_dir = _secrets_dir(top, ck, base_dir, home)
+    apt_map = ck.mapping(top.get("apt"), ("apt",), APT_KEYS)
+    apt = AptSettings(ck.url(apt_map, "mirror", ("apt",)), ck.url(apt_map, "proxy", ("apt",)))
+    shared = _shared(top, ck)
+    cluster_user = _cluster_user(top, ck, admin)
+    stages = _stages(top, ck, base_dir, home)
+    nodes = _nodes(top, ck, network, hardware, known_roles)
+    if ck.problems:
+        raise InventoryError(ck.problems)
+    assert network is not None and hardware is not None  # each would have been a problem
     return Cluster(
-        name=name, base=base, base_sha256=base_sha,
-        network=Network(subnet, gateway, tuple(dns), iface),  # type: ignore[arg-type]
-        admin=AdminUser(admin_name, keys, pw_hash), timezone=tz, hardware=hw, nodes=tuple(nodes),
-        secrets_dir=secrets_dir, base_dir=base_dir, source=source, apt=apt,
-        shared=SharedStorage(sh_path, sh_uuid), cluster_user=ClusterUser(cu_name, cu_uid), stages=tuple(stage_dirs),
+        name=name,
+        base=base,
+        base_sha256=base_sha256,
+        network=network,
+        admin=admin,
+        timezone=timezone,
+        hardware=hardware,
+        nodes=nodes,
+        secrets_dir=secrets_dir,
+        base_dir=base_dir,
+        source=source,
+        apt=apt,
+        shared=shared,
+        cluster_user=cluster_user,
+        stages=stages,
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading, the default cluster, init
+# Loading, the default cluster, node selection, init
 # ---------------------------------------------------------------------------------------------
-def default_yaml(keys: list[str] | None = None) -> str:
-    key_lines = "\n".join(f"    - {k}" for k in (keys or [])) or "    # - ~/.ssh/id_ed25519.pub\n    # - ssh-ed25519 AAAA… you@laptop"
+def default_yaml(keys: Sequence[str] = ()) -> str:
+    """The commented cluster.yaml `piimage init` writes; also the embedded default cluster.
+    `keys`: entries for admin.ssh_authorized_keys (key texts or .pub paths)."""
+    net = IPv4Network(DEFAULT_SUBNET)
+    gateway = next(net.hosts())
+    key_lines = "".join(f"    - {_yaml_text(k)}\n" for k in keys) or (
+        "    # - ~/.ssh/id_ed25519.pub\n    # - ssh-ed25519 AAAA… you@laptop\n"
+    )
+    nodes = "".join(
+        f"  - {{hostname: {h}, role: {r}, ip: {net.network_address + host}}}\n"
+        for h, r, host in DEFAULT_NODES
+    )
+    models = ", ".join(HARDWARE_MODELS)
     return f"""\
-# piimage cluster inventory. Validate with `piimage check`, build with `piimage build --all`.
-name: picluster                     # images go to out/<name>/
+# piimage cluster inventory. Check it with `piimage check`, build with `piimage build --all`.
+# Relative paths below are relative to this file; ~ is your home (also under sudo).
+
+name: {DEFAULT_NAME}                       # images go to out/<name>/ (a-z, 0-9, -)
 
 # Base image: raspios-lite-arm64 (newest Raspberry Pi OS Lite 64-bit), raspios-lite-arm64-legacy
 # (bookworm), an https://….img.xz URL, or a local .img / .img.xz file.
-base: raspios-lite-arm64
-# base_sha256: <64 hex digits>      # for a URL without a .sha256 beside it, or a local file
+base: {DEFAULT_BASE}
+base_sha256: null                     # expected SHA-256 of a URL or local base (optional)
 
 network:
-  subnet: 10.42.0.0/24
-  gateway: 10.42.0.1
-  dns: [10.42.0.1]
-  interface: eth0
+  subnet: {net}
+  gateway: {gateway}
+  dns: [{gateway}]
+  interface: {DEFAULT_INTERFACE}
 
-admin:                              # replaces Raspberry Pi OS's first user (UID 1000)
-  name: admin
-  ssh_authorized_keys:              # key text or paths to .pub files
-{key_lines}
-  # password_hash: $6$…             # mkpasswd -m sha-512; without it, SSH keys only
+admin:                                # replaces Raspberry Pi OS's first user (UID 1000)
+  name: {DEFAULT_ADMIN}
+  ssh_authorized_keys:                # public key text, or paths to .pub files
+{key_lines}\
+  # Optional, for console/password login: a hash, never the password itself.
+  # Make one with `mkpasswd -m sha-512` (whois package) or `openssl passwd -6`.
+  password_hash: null
 
-timezone: Etc/UTC
+timezone: {DEFAULT_TIMEZONE}                     # Area/City, e.g. Europe/London
+
 hardware:
-  model: pi4-2gb                    # {", ".join(HARDWARE_MODELS)}
-  poe_hat: null                     # rpi-poe | rpi-poe-plus: fan settings in config.txt
+  model: {DEFAULT_MODEL}                      # {models}
+  poe_hat: null                       # rpi-poe | rpi-poe-plus: PoE HAT fan settings in config.txt
 
-secrets_dir: .piimage/secrets       # munge key, cluster SSH key, host keys (0700)
-apt: {{mirror: null, proxy: null}}  # e.g. proxy: http://10.42.0.1:3142 (apt-cacher-ng)
-shared: {{path: /clusterfs, device_uuid: null}}   # NFS export on the head (optional USB drive UUID)
-cluster_user: {{name: mpiuser, uid: 1500}}      # same UID on every node; runs MPI jobs
-stages: []                          # extra stage directories of your own
+secrets_dir: {DEFAULT_SECRETS_DIR}         # munge key, cluster SSH key, host keys (kept 0700)
 
+apt:                                  # e.g. proxy: http://{gateway}:3142 (apt-cacher-ng)
+  mirror: null
+  proxy: null
+
+shared:                               # exported by the head over NFS, mounted on every node
+  path: {DEFAULT_SHARED_PATH}
+  device_uuid: null                   # a USB drive's filesystem UUID (lsblk -f), or null
+
+cluster_user:                         # runs MPI jobs; the same UID on every node
+  name: {DEFAULT_CLUSTER_USER[0]}
+  uid: {DEFAULT_CLUSTER_USER[1]}
+
+stages: []                            # stage directories of your own, e.g. [my-stages]
+
+# One head (SLURM controller, NFS server, time server) and compute nodes. A node may override
+# the model (hardware: {{model: pi5-8gb}}); a head that should also run jobs: runs_jobs: true.
 nodes:
-  - {{hostname: head, role: head, ip: 10.42.0.10}}
-  - {{hostname: node01, role: compute, ip: 10.42.0.11}}
-  - {{hostname: node02, role: compute, ip: 10.42.0.12}}
-  - {{hostname: node03, role: compute, ip: 10.42.0.13}}
-  - {{hostname: node04, role: compute, ip: 10.42.0.14}}
-"""
+{nodes}"""
 
 
-def load(path: Path | None, *, known_roles: Collection[str] = ("head", "compute"), cwd: Path | None = None) -> Cluster:
-    cwd = cwd or Path.cwd()
+def _yaml_text(value: str) -> str:
+    """`value` as a YAML scalar: plain when that reads back the same, else double-quoted."""
+    if re.fullmatch(r"[A-Za-z0-9~./][A-Za-z0-9 ~./@+=_-]*", value) and not value.endswith(" "):
+        return value
+    return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def load(
+    path: Path | None,
+    *,
+    known_roles: Collection[str] = ("head", "compute"),
+    cwd: Path | None = None,
+) -> Cluster:
+    """Read and validate the inventory: `path`, else ./cluster.yaml, else the built-in default
+    cluster. Raises InventoryError with every problem, or UserError if `path` cannot be read."""
+    cwd = (cwd or Path.cwd()).absolute()
+    home = invoking_home()
     if path is None:
         candidate = cwd / DEFAULT_FILE
         if not candidate.exists():
-            keys = default_public_keys()
-            if not keys:
-                log.warning("no cluster.yaml and no ~/.ssh/id_*.pub: the admin user gets no SSH key and no "
-                            "password; run `piimage init` to write a cluster.yaml you can edit")
-            text = default_yaml(keys)
-            doc, lines = _compose_with_lines(text, "built-in default cluster")
-            return validate(doc, where="built-in default cluster", lines=lines, base_dir=cwd,
-                            known_roles=known_roles, source=None)
-        path = candidate
-    path = Path(path)
+            return _load_default(cwd, known_roles, home)
+        path, where = candidate, _display(candidate)
+    else:
+        where = str(path)
+        path = path if path.is_absolute() else cwd / path
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path}: inventory file not found", hint="run `piimage init` to write one") from None
+        raise UserError(
+            f"{where}: inventory file not found",
+            hint="run `piimage init` to write one, or leave out --inventory for the default cluster",
+        ) from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a directory, not an inventory file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the inventory: {getattr(e, 'strerror', None) or e}") from None
-    doc, lines = _compose_with_lines(text, str(path))
-    return validate(doc, where=str(path), lines=lines, base_dir=path.resolve().parent, known_roles=known_roles,
-                    source=path.resolve())
+        raise UserError(
+            f"{where}: cannot read the inventory ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    source = path.resolve()
+    cluster = _validate(
+        _read_yaml(text, where),
+        where=where,
+        base_dir=source.parent,
+        known_roles=known_roles,
+        home=home,
+        source=source,
+    )
+    if not cluster.admin.ssh_authorized_keys:
+        log.warning(
+            "%s: admin.ssh_authorized_keys is empty: SSH login as %s stays possible only with a "
+            "password, and only if admin.password_hash is set",
+            where,
+            cluster.admin.name,
+        )
+    return cluster
 
 
-def select_nodes(cluster: Cluster, *, hostname: str | None, role: str | None, all_nodes: bool) -> tuple[Node, ...]:
-    where = str(cluster.source) if cluster.source else "the built-in default cluster"
+def _load_default(cwd: Path, known_roles: Collection[str], home: Path) -> Cluster:
+    keys = default_key_files(home)
+    if not keys:
+        log.warning(
+            "no cluster.yaml here and no SSH public key in %s/.ssh (id_*.pub): the default "
+            "cluster's admin user gets no key, so SSH password login stays possible only with "
+            "admin.password_hash; run `piimage init` to write a cluster.yaml you can edit",
+            home,
+        )
+    doc = _read_yaml(default_yaml(keys), DEFAULT_SOURCE_LABEL)
+    return _validate(
+        doc,
+        where=DEFAULT_SOURCE_LABEL,
+        base_dir=cwd,
+        known_roles=known_roles,
+        home=home,
+        source=None,
+    )
+
+
+def _label(cluster: Cluster) -> str:
+    return _display(cluster.source) if cluster.source else f"the {DEFAULT_SOURCE_LABEL}"
+
+
+def select_nodes(
+    cluster: Cluster, *, hostname: str | None, role: str | None, all_nodes: bool
+) -> tuple[Node, ...]:
+    """The nodes a command is about: `--hostname` (checked against `--role`), or `--all`
+    (filtered by `--role`)."""
+    where = _label(cluster)
+    names = ", ".join(n.hostname for n in cluster.nodes)
     if hostname and all_nodes:
         raise UserError("give either --hostname or --all, not both")
     if all_nodes:
-        nodes = cluster.nodes if role is None else cluster.nodes_with_role(role)
+        if role is None:
+            return cluster.nodes
+        nodes = cluster.nodes_with_role(role)
         if not nodes:
-            raise UserError(f"no node with role '{role}' in {where}")
+            present = ", ".join(sorted({n.role for n in cluster.nodes}))
+            raise UserError(
+                f"--role {role}: no {role} node in {where}", hint=f"roles there: {present}"
+            )
         return nodes
     if not hostname:
-        raise UserError("which node? give --hostname NAME (with --role to double-check) or --all",
-                        hint=f"nodes in {where}: {', '.join(n.hostname for n in cluster.nodes)}")
+        also = f"--all --role {role}" if role else "--all"
+        raise UserError(
+            f"which node? give --hostname NAME, or {also}", hint=f"nodes in {where}: {names}"
+        )
     try:
         node = cluster.node(hostname)
     except KeyError:
         near = difflib.get_close_matches(hostname, [n.hostname for n in cluster.nodes], n=1)
         raise UserError(
-            f"--hostname {hostname}: no such node in {where}" + (f" (did you mean '{near[0]}'?)" if near else ""),
-            hint=f"nodes: {', '.join(n.hostname for n in cluster.nodes)}",
+            f"--hostname {hostname}: no such node in {where}"
+            + (f" (did you mean '{near[0]}'?)" if near else ""),
+            hint=f"nodes in {where}: {names}",
         ) from None
     if role is not None and role != node.role:
-        raise UserError(f"--role {role}: {node.hostname} is a {node.role} node in {where}, not {role}")
+        raise UserError(
+            f"--role {role}: {node.hostname} is a {node.role} node in {where}, not {role}",
+            hint=f"drop --role, or change {node.hostname}'s role in the inventory",
+        )
     return (node,)
 
 
 def init(directory: Path, *, force: bool = False) -> list[Path]:
-    from .fsutil import write_atomic
-
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write an editable cluster.yaml (with the invoking user's public keys, if any) and the
+    secrets directory (0700). Returns what was written or created."""
     target = directory / DEFAULT_FILE
+    if target.is_dir():
+        raise UserError(f"{target} is a directory")
     if target.exists() and not force:
-        raise UserError(f"{target} exists; not overwriting it", hint="use --force to replace it")
-    written = []
-    write_atomic(target, default_yaml(default_public_keys()))
-    written.append(target)
-    secrets = directory / ".piimage" / "secrets"
-    secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(secrets, 0o700)
-    written.append(secrets)
-    return written
+        raise UserError(
+            f"{target} already exists; not overwriting it",
+            hint="use --force to replace it (the secrets directory is kept)",
+        )
+    secrets = directory / DEFAULT_SECRETS_DIR
+    existed = secrets.is_dir()
+    write_atomic(target, default_yaml(default_key_files()), mode=0o644)
+    ensure_secrets_dir(secrets)
+    return [target] if existed else [target, secrets]
