@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import BuildError
 from .run import require_tools, run
+from .secrets import ensure_secrets_dir
 
 MUNGE_KEY_BYTES = 1024
 
@@ -21,13 +22,6 @@ MUNGE_KEY_BYTES = 1024
 class KeyPair:
     private: bytes = field(repr=False)
     public: str  # "ssh-ed25519 AAAA…" without comment
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -45,7 +39,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def munge_key(secrets_dir: Path) -> bytes:
     """One munge key per cluster: made once, then the same bytes in every image."""
-    path = _private_dir(secrets_dir) / "munge.key"
+    path = ensure_secrets_dir(secrets_dir) / "munge.key"
     if not path.exists():
         _write_private(path, os.urandom(MUNGE_KEY_BYTES))
     data = path.read_bytes()
@@ -58,7 +52,7 @@ def _keypair(path: Path, comment: str) -> KeyPair:
     pub_path = path.with_name(path.name + ".pub")
     if not path.exists():
         require_tools(["ssh-keygen"])
-        _private_dir(path.parent)
+        ensure_secrets_dir(path.parent)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".keygen-") as td:
             tmp = Path(td) / "key"
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(tmp)], what="ssh-keygen")
