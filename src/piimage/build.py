@@ -57,7 +57,7 @@ class BuildPlan:
     cluster: Cluster
     base_spec: fetch.BaseSpec
     stages: tuple[Stage, ...]
-    profiles: dict[str, Profile]
+    profiles: dict[str, Profile]  # by hostname: the role's profile, plus slurmd where runs_jobs asks
     nodes: tuple[NodePlan, ...]
     out_dir: Path
     keep_workspace: bool = False
@@ -114,7 +114,7 @@ def node_context(cluster: Cluster, node: Node, profile: Profile, host_keys: dict
         "nodes": nodes,
         "node": this,
         "head": head,
-        "compute_nodes": [x for x in nodes if x["role"] == "compute"],
+        "compute_nodes": [x for x, n in zip(nodes, cluster.nodes) if n.runs_jobs],
         "partition": "cluster",
         "role": node.role,
         "packages": list(profile.packages),
@@ -143,12 +143,13 @@ def plan(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, base: str 
         if n.role not in profiles:
             raise UserError(f"no node profile for role '{n.role}' (known: {', '.join(sorted(profiles))})")
     stage_list = discover([data_dir() / "stages", *cluster.stages])
+    node_profiles = {n.hostname: _profile_for(n, profiles[n.role]) for n in nodes}
     host_keys = {n.hostname: keys.node_host_key(cluster.secrets_dir, n.hostname) for n in cluster.nodes}
     cluster_key = keys.cluster_ssh_key(cluster.secrets_dir, cluster.name)
     munge = keys.munge_key(cluster.secrets_dir)
     plans = []
     for node in nodes:
-        profile = profiles[node.role]
+        profile = node_profiles[node.hostname]
         ctx = node_context(cluster, node, profile, {h: k.public for h, k in host_keys.items()}, cluster_key.public)
         node_secrets = {
             "ssh_host_ed25519_key": host_keys[node.hostname].private,
@@ -159,7 +160,17 @@ def plan(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, base: str 
         p = replace(p, enable=tuple(dict.fromkeys([*p.enable, *profile.enable])),
                     disable=tuple(dict.fromkeys([*p.disable, *profile.disable])))
         plans.append(p)
-    return BuildPlan(cluster, spec, tuple(stage_list), profiles, tuple(plans), out_dir, keep_workspace, compress, url_base)
+    return BuildPlan(cluster, spec, tuple(stage_list), node_profiles, tuple(plans), out_dir, keep_workspace, compress,
+                     url_base)
+
+
+def _profile_for(node: Node, profile: Profile) -> Profile:
+    """A node that runs jobs (every compute node; a head with runs_jobs: true) gets slurmd."""
+    if not node.runs_jobs or "slurmd" in profile.packages:
+        return profile
+    return replace(profile, packages=(*profile.packages, "slurmd"),
+                   enable=tuple(dict.fromkeys([*profile.enable, "slurmd.service"])),
+                   disable=tuple(u for u in profile.disable if u != "slurmd.service"))
 
 
 def _clean_stale_workspaces(root: Path) -> None:
@@ -197,7 +208,7 @@ def _publish_all(bp: BuildPlan, out: Path, overlays: list[Path], layers: dict[st
             "sha256": digest,
             "size": final.stat().st_size,
             "disk_id": node_disk_id(bp.cluster.name, p.hostname),
-            "role_layer": layers[p.role].name,
+            "role_layer": layers[p.hostname].name,
             "release_date": time.strftime("%Y-%m-%d"),
             "files": [
                 {"path": w.path, "sha256": w.sha256, "mode": f"{w.mode:04o}", "owner": w.owner, "stage": w.stage}
@@ -247,15 +258,18 @@ def execute(bp: BuildPlan) -> list[Path]:
             log.info("workspace kept at %s", ws)
         else:
             stack.callback(shutil.rmtree, ws, ignore_errors=True)
-        layers: dict[str, Path] = {}
-        for role in dict.fromkeys(p.role for p in bp.nodes):
-            inputs = layer_inputs(bp.profiles[role], list(bp.stages), base.sha256)
-            layers[role] = ensure_layer(base, inputs, list(bp.stages), apt_proxy=bp.cluster.apt.proxy,
-                                        apt_mirror=bp.cluster.apt.mirror)
+        layers: dict[str, Path] = {}  # by hostname; nodes with the same profile share one layer
+        by_key: dict[str, Path] = {}
+        for p in bp.nodes:
+            inputs = layer_inputs(bp.profiles[p.hostname], list(bp.stages), base.sha256)
+            if inputs.key() not in by_key:
+                by_key[inputs.key()] = ensure_layer(base, inputs, list(bp.stages), apt_proxy=bp.cluster.apt.proxy,
+                                                    apt_mirror=bp.cluster.apt.mirror)
+            layers[p.hostname] = by_key[inputs.key()]
         overlays = []
         for p in bp.nodes:
             ov = ws / f"{p.hostname}.qcow2"
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(layers[p.role]), "-F", "raw", str(ov)],
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(layers[p.hostname]), "-F", "raw", str(ov)],
                 what=f"qemu-img create for {p.hostname}")
             overlays.append(ov)
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)
@@ -265,8 +279,8 @@ def execute(bp: BuildPlan) -> list[Path]:
             for disk, p in zip(session.disks(), bp.nodes):
                 log.info("stamping %s (%s)", p.hostname, p.role)
                 written[p.hostname] = stamp(disk, p, cluster_name=bp.cluster.name, admin=admin,
-                                            check_layout=layers[p.role] not in checked)
-                checked.add(layers[p.role])
+                                            check_layout=layers[p.hostname] not in checked)
+                checked.add(layers[p.hostname])
         manifest_nodes = _publish_all(bp, out, overlays, layers, written, published)
         manifest = update_manifest(
             out / "manifest.json",

@@ -1,0 +1,56 @@
+"""Planning a build renders every node's files before any image is touched."""
+
+import shutil
+
+import pytest
+
+from piimage import build
+from piimage import inventory as inv
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("bmaptool") is None,
+                                reason="planning checks for qemu-img and bmaptool (scripts/test installs them)")
+
+YAML = """\
+name: lab
+network: {subnet: 10.0.0.0/24, gateway: 10.0.0.1}
+nodes:
+  - {hostname: head, role: head, ip: 10.0.0.10, runs_jobs: %s}
+  - {hostname: node01, role: compute, ip: 10.0.0.11}
+  - {hostname: node02, role: compute, ip: 10.0.0.12, hardware: {model: pi4-4gb}}
+"""
+
+
+def plan_for(tmp_path, runs_jobs: bool):
+    (tmp_path / "cluster.yaml").write_text(YAML % ("true" if runs_jobs else "false"))
+    cluster = inv.load(tmp_path / "cluster.yaml")
+    return build.plan(cluster, cluster.nodes, out_dir=tmp_path / "out")
+
+
+def files(bp, host):
+    return {f.path: f for f in next(p for p in bp.nodes if p.hostname == host).files}
+
+
+def test_cluster_files_identical_and_per_node(tmp_path):
+    bp = plan_for(tmp_path, False)
+    confs = {files(bp, h)["/etc/slurm/slurm.conf"].data for h in ("head", "node01", "node02")}
+    assert len(confs) == 1
+    conf = confs.pop().decode()
+    assert "SlurmctldHost=head(10.0.0.10)" in conf
+    assert "NodeName=node01 NodeAddr=10.0.0.11 CPUs=4 RealMemory=1800" in conf
+    assert "NodeName=node02 NodeAddr=10.0.0.12 CPUs=4 RealMemory=3700" in conf
+    assert "NodeName=head" not in conf
+    keys = {files(bp, h)["/etc/munge/munge.key"].data for h in ("head", "node01", "node02")}
+    assert len(keys) == 1 and len(keys.pop()) == 1024
+    assert files(bp, "node01")["/etc/hostname"].data == b"node01\n"
+    assert b"address1=10.0.0.12/24,10.0.0.1" in files(bp, "node02")[
+        "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection"].data
+    assert "slurmd" not in bp.profiles["head"].packages
+    assert (tmp_path / ".piimage" / "secrets").stat().st_mode & 0o777 == 0o700
+
+
+def test_head_that_runs_jobs_gets_slurmd(tmp_path):
+    bp = plan_for(tmp_path, True)
+    conf = files(bp, "head")["/etc/slurm/slurm.conf"].data.decode()
+    assert "NodeName=head NodeAddr=10.0.0.10" in conf and "Nodes=head,node01,node02" in conf
+    head = bp.profiles["head"]
+    assert "slurmd" in head.packages and "slurmd.service" in head.enable and "slurmd.service" not in head.disable
