@@ -183,21 +183,35 @@ def _clean_stale_workspaces(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _publish_all(bp: BuildPlan, out: Path, overlays: list[Path], layers: dict[str, Path],
-                 written: dict[str, list], published: list[Path]) -> dict[str, dict]:
-    """Convert, checksum, compress and map every node image — one job per core. On a failure
-    or Ctrl-C the other jobs are stopped and every job removes its half-written file."""
-    abort = threading.Event()
+class Publisher:
+    """Converts, checksums, compresses and maps node images — one job per core — while the
+    appliance goes on stamping the next nodes. On a failure or Ctrl-C the other jobs are
+    stopped and every job removes its half-written file."""
 
-    def job(ov: Path, p: NodePlan) -> tuple[list[Path], dict]:
-        final = out / f"{p.hostname}.img"
+    def __init__(self, bp: BuildPlan, out: Path, layers: dict[str, Path], published: list[Path]):
+        self.bp, self.out, self.layers, self.published = bp, out, layers, published
+        self.abort = threading.Event()
+        self.workers = max(1, min(len(bp.nodes), os.cpu_count() or 1))
+        self.futures: dict = {}
+
+    def __enter__(self) -> "Publisher":
+        self._stack = ExitStack()
+        if self.workers > 1:
+            self._stack.enter_context(lines_only())
+        self.pool = self._stack.enter_context(ThreadPoolExecutor(self.workers))
+        return self
+
+    def submit(self, overlay: Path, p: NodePlan, written: list) -> None:
+        self.futures[self.pool.submit(self._job, overlay, p, written)] = p.hostname
+
+    def _job(self, ov: Path, p: NodePlan, written: list) -> tuple[list[Path], dict]:
+        final = self.out / f"{p.hostname}.img"
         _remove_stale_derivatives(final)
-        digest = publish_image(ov, final, abort)
-        ov.unlink()
+        digest = publish_image(ov, final, self.abort)
         files = [final]
-        if abort.is_set():
+        if self.abort.is_set():
             raise BuildError("stopped")
-        packed = compress(final, bp.compress)
+        packed = compress(final, self.bp.compress)
         if packed is not None:
             files.append(packed)
         files.append(write_bmap(final))
@@ -207,32 +221,31 @@ def _publish_all(bp: BuildPlan, out: Path, overlays: list[Path], layers: dict[st
             "image": final.name,
             "sha256": digest,
             "size": final.stat().st_size,
-            "disk_id": node_disk_id(bp.cluster.name, p.hostname),
-            "role_layer": layers[p.hostname].name,
+            "disk_id": node_disk_id(self.bp.cluster.name, p.hostname),
+            "role_layer": self.layers[p.hostname].name,
             "release_date": time.strftime("%Y-%m-%d"),
             "files": [
                 {"path": w.path, "sha256": w.sha256, "mode": f"{w.mode:04o}", "owner": w.owner, "stage": w.stage}
-                for w in written[p.hostname]
+                for w in written
             ],
         }
 
-    workers = max(1, min(len(bp.nodes), os.cpu_count() or 1))
-    results: dict[str, dict] = {}
-    with lines_only() if workers > 1 else nullcontext(), ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(job, ov, p): p.hostname for ov, p in zip(overlays, bp.nodes)}
-        try:
-            for fut in futures:
-                files, entry = fut.result()
-                published.extend(files)
-                results[futures[fut]] = entry
-        except BaseException:
-            abort.set()
+    def results(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for fut, host in self.futures.items():
+            files, entry = fut.result()
+            self.published.extend(files)
+            out[host] = entry
+        return out
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort.set()
             terminate_all()
-            for fut in futures:
+            for fut in self.futures:
                 fut.cancel()
-            wait(list(futures))  # every job has removed its temporary file
-            raise
-    return results
+            wait(list(self.futures))  # every job has removed its temporary file
+        self._stack.close()
 
 
 def _remove_stale_derivatives(image: Path) -> None:
@@ -273,15 +286,18 @@ def execute(bp: BuildPlan) -> list[Path]:
                 what=f"qemu-img create for {p.hostname}")
             overlays.append(ov)
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)
-        written: dict[str, list] = {}
-        with GuestSession(overlays) as session:
-            checked: set[Path] = set()  # overlays of one layer share its partition layout
-            for disk, p in zip(session.disks(), bp.nodes):
-                log.info("stamping %s (%s)", p.hostname, p.role)
-                written[p.hostname] = stamp(disk, p, cluster_name=bp.cluster.name, admin=admin,
-                                            check_layout=layers[p.hostname] not in checked)
-                checked.add(layers[p.hostname])
-        manifest_nodes = _publish_all(bp, out, overlays, layers, written, published)
+        with Publisher(bp, out, layers, published) as publisher:
+            with GuestSession(overlays) as session:
+                checked: set[Path] = set()  # overlays of one layer share its partition layout
+                for disk, p, ov in zip(session.disks(), bp.nodes, overlays):
+                    log.info("stamping %s (%s)", p.hostname, p.role)
+                    written = stamp(disk, p, cluster_name=bp.cluster.name, admin=admin,
+                                    check_layout=layers[p.hostname] not in checked)
+                    checked.add(layers[p.hostname])
+                    # stamp() ends with a sync, which reaches the overlay file: it can be
+                    # converted while the appliance stamps the next node
+                    publisher.submit(ov, p, written)
+            manifest_nodes = publisher.results()
         manifest = update_manifest(
             out / "manifest.json",
             {"name": bp.cluster.name},

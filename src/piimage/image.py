@@ -83,7 +83,9 @@ class GuestSession:
             g.set_pgroup(True)
             for d in self.drives:
                 fmt = "qcow2" if str(d).endswith(".qcow2") else "raw"
-                g.add_drive_opts(str(d), format=fmt, readonly=self.readonly, cachemode="unsafe")
+                # writeback (not unsafe): a guest sync flushes to the file, so a finished
+                # overlay can be read by qemu-img while the appliance works on the others
+                g.add_drive_opts(str(d), format=fmt, readonly=self.readonly, cachemode="writeback")
             log.info("starting the libguestfs appliance (%d disk%s) …", len(self.drives), "s" if len(self.drives) != 1 else "")
             g.launch()
             self.partitions = list(g.list_partitions())
@@ -175,8 +177,10 @@ class Disk:
         self._passwd = self._groups = None
 
     def umount(self) -> None:
-        self.g.sync()
+        # unmount first (the filesystems write back everything), then sync: the flush reaches
+        # the drive file, so the overlay is complete on the host from here on
         self.g.umount_all()
+        self.g.sync()
 
     # -- files ----------------------------------------------------------------------------------
     def exists(self, path: str) -> bool:

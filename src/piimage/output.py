@@ -32,7 +32,8 @@ def convert_to_raw(src: Path, dest: Path, label: str) -> None:
                     last[0] = pct
 
         # qemu-img -p redraws with \r; run() splits on \n, so ask for line-wise output.
-        run(["qemu-img", "convert", "-p", "-f", fmt, "-O", "raw", str(src), str(dest)],
+        # -U: the appliance may still hold the overlay open (it is done with this one)
+        run(["qemu-img", "convert", "-U", "-p", "-f", fmt, "-O", "raw", str(src), str(dest)],
             what=f"qemu-img convert to {dest.name}", on_line=on_line)
 
 
