@@ -165,8 +165,9 @@ def plan(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, base: str 
 
 
 def _profile_for(node: Node, profile: Profile) -> Profile:
-    """A node that runs jobs (every compute node; a head with runs_jobs: true) gets slurmd."""
-    if not node.runs_jobs or "slurmd" in profile.packages:
+    """A node of another role that runs jobs (a head with runs_jobs: true) also gets slurmd;
+    a compute node's profile is taken as written."""
+    if not node.runs_jobs or node.role == "compute" or "slurmd" in profile.packages:
         return profile
     return replace(profile, packages=(*profile.packages, "slurmd"),
                    enable=tuple(dict.fromkeys([*profile.enable, "slurmd.service"])),

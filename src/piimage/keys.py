@@ -48,11 +48,14 @@ def munge_key(secrets_dir: Path) -> bytes:
     return data
 
 
-def _keypair(path: Path, comment: str) -> KeyPair:
+def _keypair(secrets_dir: Path, rel: str, comment: str) -> KeyPair:
+    path = secrets_dir / rel
     pub_path = path.with_name(path.name + ".pub")
     if not path.exists():
         require_tools(["ssh-keygen"])
-        ensure_secrets_dir(path.parent)
+        d = ensure_secrets_dir(secrets_dir)
+        for part in Path(rel).parent.parts:  # every level 0700, not just the last
+            d = ensure_secrets_dir(d / part)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".keygen-") as td:
             tmp = Path(td) / "key"
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(tmp)], what="ssh-keygen")
@@ -68,8 +71,8 @@ def _keypair(path: Path, comment: str) -> KeyPair:
 
 
 def cluster_ssh_key(secrets_dir: Path, cluster_name: str) -> KeyPair:
-    return _keypair(secrets_dir / "cluster_ed25519", f"{cluster_name}-cluster")
+    return _keypair(secrets_dir, "cluster_ed25519", f"{cluster_name}-cluster")
 
 
 def node_host_key(secrets_dir: Path, hostname: str) -> KeyPair:
-    return _keypair(secrets_dir / "hosts" / hostname / "ssh_host_ed25519_key", f"root@{hostname}")
+    return _keypair(secrets_dir, f"hosts/{hostname}/ssh_host_ed25519_key", f"root@{hostname}")
