@@ -13,7 +13,6 @@ import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .errors import BuildError, MissingToolError
 from .log import log
@@ -131,8 +130,6 @@ class Disk:
         self.s = session
         self.device = device
         self.path = path
-        self._passwd: dict[str, PasswdEntry] | None = None
-        self._groups: dict[str, int] | None = None
 
     @property
     def g(self):
@@ -174,7 +171,6 @@ class Disk:
         if not self.g.is_dir(BOOT_MOUNT):
             self.g.mkdir_p(BOOT_MOUNT)
         self.g.mount(self.partition(1), BOOT_MOUNT)
-        self._passwd = self._groups = None
 
     def umount(self) -> None:
         # unmount first (the filesystems write back everything), then sync: the flush reaches
@@ -205,32 +201,8 @@ class Disk:
     def read_text(self, path: str) -> str:
         return self.read(path).decode("utf-8", "replace")
 
-    def passwd(self) -> dict[str, PasswdEntry]:
-        if self._passwd is None:
-            self._passwd = parse_passwd(self.read_text("/etc/passwd"))
-        return self._passwd
-
-    def groups(self) -> dict[str, int]:
-        if self._groups is None:
-            self._groups = parse_group(self.read_text("/etc/group"))
-        return self._groups
-
-    def forget_accounts(self) -> None:
-        self._passwd = self._groups = None
-
-    def ids(self, owner: str, group: str) -> tuple[int, int]:
-        users, groups = self.passwd(), self.groups()
-        if owner not in users:
-            raise BuildError(f"{self.path}: user '{owner}' does not exist in the image's /etc/passwd")
-        if group not in groups:
-            raise BuildError(f"{self.path}: group '{group}' does not exist in the image's /etc/group")
-        return users[owner].uid, groups[group]
-
     def on_boot(self, path: str) -> bool:
         return path == BOOT_MOUNT or path.startswith(BOOT_MOUNT + "/")
-
-    def mkdir_p(self, path: str) -> None:
-        self.g.mkdir_p(path)
 
     def read_if_exists(self, path: str) -> bytes | None:
         return self.read(path) if self.g.is_file(path) else None
@@ -243,31 +215,12 @@ class Disk:
             f.flush()
             self.g.tar_in(f.name, "/")
 
-    def write(self, path: str, data: bytes, *, mode: int = 0o644, owner: str = "root", group: str | None = None) -> None:
-        """Write a file with its final owner and mode (FAT cannot store either: skipped there).
-        The content goes to a temporary name first, so a file is never seen half-written."""
-        parent = posixpath.dirname(path)
-        self.g.mkdir_p(parent)
-        if self.on_boot(path):
-            self.g.write(path, data)
-            return
-        uid, gid = self.ids(owner, group or owner)
-        tmp = f"{parent}/.piimage-{posixpath.basename(path)}"
-        self.g.write(tmp, data)
-        self.g.chown(uid, gid, tmp)
-        self.g.chmod(mode, tmp)
-        if self._lexists(path) and self.g.is_dir(path):
-            raise BuildError(f"{self.path}: {path} is a directory in the image, cannot write a file there")
-        self.g.mv(tmp, path)
-
-    def chmod_chown(self, path: str, mode: int, owner: str, group: str | None = None) -> None:
-        uid, gid = self.ids(owner, group or owner)
-        self.g.chown(uid, gid, path)
-        self.g.chmod(mode, path)
-
-    def symlink(self, target: str, path: str) -> None:
-        self.g.mkdir_p(posixpath.dirname(path))
-        self.g.ln_sf(target, path)
+    def write_boot(self, path: str, data: bytes) -> None:
+        """A file on the FAT boot partition (no owners or modes there). Files on the root
+        filesystem go through tar_in, with their owners and modes."""
+        if not self.on_boot(path):
+            raise ValueError(f"{path} is not on the boot partition")
+        self.g.write(path, data)
 
     def remove_glob(self, pattern: str) -> list[str]:
         parent, pat = posixpath.split(pattern)
@@ -288,17 +241,8 @@ class Disk:
     def rename(self, src: str, dst: str) -> None:
         self.g.rename(src, dst)
 
-    def walk_files(self, top: str) -> Iterator[str]:
-        for name in self.g.find(top):
-            full = posixpath.join(top, name)
-            if self.g.is_file(full):
-                yield full
-
     def stat(self, path: str) -> dict:
         return self.g.lstatns(path)
-
-    def readlink(self, path: str) -> str:
-        return self.g.readlink(path)
 
     def unit_path(self, unit: str) -> str | None:
         for d in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"):

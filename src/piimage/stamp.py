@@ -349,7 +349,7 @@ def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admi
 
     disk.tar_in(tar.finish())
     for path, data in boot_writes.items():
-        disk.write(path, data)
+        disk.write_boot(path, data)
     disk.set_disk_id(new_id)
     log.debug("%s: disk identifier %s -> %s", where.name, old_id, new_id)
     return written

@@ -4,7 +4,6 @@ nothing left behind — no partial image, no mount, no loop device, no appliance
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
