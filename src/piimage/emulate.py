@@ -106,6 +106,12 @@ def check_host() -> None:
     if not Path("/dev/loop-control").exists():
         raise MissingToolError("no loop device support (/dev/loop-control is missing)",
                                hint="load the loop module (modprobe loop); in Docker pass --device /dev/loop-control")
+    ensure_binfmt()
+
+
+def ensure_binfmt() -> None:
+    """Make arm64 binaries runnable here: mount binfmt_misc and register qemu-aarch64 (with
+    the F flag, so it works inside chroots and containers) where either is missing."""
     if not BINFMT_DIR.joinpath("status").exists():
         try:
             run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], what="mounting binfmt_misc")
