@@ -148,5 +148,45 @@ def check(inventory, verbose, quiet):
         click.echo(f"  {n.hostname:<16} {n.role:<10} {n.ip}")
 
 
+@main.command()
+@inventory_option
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("out"),
+              show_default=True, help="Where the built images are (OUT/<cluster>/<node>.img); logs go to OUT/<cluster>/rehearsal/.")
+@click.option("--nodes", help="Comma-separated nodes to boot (default: every node); must include the head.")
+@click.option("--timeout", type=click.IntRange(min=60), default=1200, show_default=True,
+              help="Seconds to wait for the cluster to boot and become ready.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@common_options
+@handle_errors
+def rehearse(inventory, out_dir, nodes, timeout, as_json, verbose, quiet):
+    """Boot the built images as a virtual cluster under QEMU and run real jobs on it."""
+    _setup_logging(verbose, quiet)
+    import json
+
+    from . import rehearse as rh
+    from .errors import UserError
+
+    cluster = _load_cluster(inventory)
+    if nodes:
+        chosen = []
+        for name in (x.strip() for x in nodes.split(",") if x.strip()):
+            try:
+                chosen.append(cluster.node(name))
+            except KeyError:
+                known = ", ".join(n.hostname for n in cluster.nodes)
+                raise UserError(f"--nodes: {name!r} is not a node of cluster {cluster.name} (nodes: {known})") from None
+        selected = tuple(dict.fromkeys(chosen))
+    else:
+        selected = cluster.nodes
+    report = rh.rehearse(cluster, selected, out_dir=out_dir, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(report.text())
+    if not report.ok:
+        failed = ", ".join(f"{c.node} {c.name}" for c in report.checks if not c.ok) or "the cluster never came up"
+        raise rh.RehearsalFailed(f"rehearsal failed: {failed}")
+
+
 if __name__ == "__main__":
     main()

@@ -48,3 +48,11 @@ def apt_cache_dir() -> Path:
     """Host-side apt archive cache shared by every role-layer build."""
     env = os.environ.get("PIIMAGE_APT_CACHE")
     return Path(env) if env else cache_dir() / "apt-archives"
+
+
+DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def debian_mirror() -> str:
+    """Debian's archive, for the rehearsal kernel ($PIIMAGE_DEBIAN_MIRROR for a local mirror)."""
+    return os.environ.get("PIIMAGE_DEBIAN_MIRROR") or DEFAULT_DEBIAN_MIRROR

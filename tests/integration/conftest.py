@@ -64,6 +64,8 @@ from pathlib import Path
 
 import pytest
 
+from clihelp import PERSISTENT_CACHE
+
 REPO = Path(__file__).resolve().parents[2]
 STANDIN_SCRIPT = REPO / "scripts" / "standin-image"
 BUILD_TIMEOUT = 3600  # a cold trixie build takes ~10 min on 2 cores; leave room for slow mirrors
@@ -258,3 +260,23 @@ def standin_raw(standin, tmp_path_factory):
 
     yield get
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+# The environment piimage runs in for the end-to-end tests: a fresh HOME with an SSH key, a fresh
+# download cache per session, role layers and apt archives kept in the machine's cache.
+@pytest.fixture(scope="session")
+def env(tmp_path_factory, standin_trixie, standin_bookworm):
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ssh").mkdir(mode=0o700)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester@laptop", "-f",
+                    str(home / ".ssh" / "id_ed25519")], check=True)
+    e = dict(os.environ)
+    e.pop("SUDO_USER", None)
+    e.update(
+        HOME=str(home),
+        PIIMAGE_CACHE=str(tmp_path_factory.mktemp("cache")),
+        PIIMAGE_LAYER_CACHE=str(PERSISTENT_CACHE / "layers"),
+        PIIMAGE_APT_CACHE=str(PERSISTENT_CACHE / "apt-archives"),
+        PIIMAGE_OS_LIST_URL=standin_trixie.os_list_url,
+    )
+    return e

@@ -4,75 +4,17 @@ apt under QEMU user emulation; every image is read back and checked."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from clihelp import CLUSTER_YAML, piimage, pubkey
 from readback import fsck_partitions, open_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-# Role layers are expensive (apt under emulation): keep them in the machine's own cache so a
-# later run reuses them; downloads and decompressed bases go to a fresh per-session cache, so
-# "downloaded once" is tested for real.
-PERSISTENT_CACHE = Path(os.environ.get("PIIMAGE_TEST_CACHE", Path.home() / ".cache" / "piimage"))
-
-CLUSTER_YAML = """\
-name: testcluster
-base: raspios-lite-arm64
-network:
-  subnet: 10.0.0.0/24
-  gateway: 10.0.0.1
-  dns: [10.0.0.1]
-  interface: eth0
-admin:
-  name: alice
-  ssh_authorized_keys:
-    - {key}
-timezone: Europe/London
-hardware:
-  model: pi4-2gb
-cluster_user: {{name: mpiuser, uid: 1500}}
-nodes:
-  - {{hostname: head, role: head, ip: 10.0.0.10}}
-  - {{hostname: node01, role: compute, ip: 10.0.0.11}}
-  - {{hostname: node02, role: compute, ip: {node02_ip}}}
-"""
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory, standin_trixie, standin_bookworm):
-    home = tmp_path_factory.mktemp("home")
-    (home / ".ssh").mkdir(mode=0o700)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester@laptop", "-f",
-                    str(home / ".ssh" / "id_ed25519")], check=True)
-    e = dict(os.environ)
-    e.pop("SUDO_USER", None)
-    e.update(
-        HOME=str(home),
-        PIIMAGE_CACHE=str(tmp_path_factory.mktemp("cache")),
-        PIIMAGE_LAYER_CACHE=str(PERSISTENT_CACHE / "layers"),
-        PIIMAGE_APT_CACHE=str(PERSISTENT_CACHE / "apt-archives"),
-        PIIMAGE_OS_LIST_URL=standin_trixie.os_list_url,
-    )
-    return e
-
-
-def piimage(args: list[str], env: dict, cwd: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=3600)
-    if check_rc is not None and proc.returncode != check_rc:
-        pytest.fail(f"piimage {' '.join(args)} exited {proc.returncode}, expected {check_rc}:\n"
-                    f"{proc.stderr[-4000:]}")
-    return proc
-
-
-def pubkey(env) -> str:
-    return (Path(env["HOME"]) / ".ssh" / "id_ed25519.pub").read_text().strip()
 
 
 def host_mounts_and_loops() -> tuple[str, str]:

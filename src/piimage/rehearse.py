@@ -1,0 +1,699 @@
+"""`piimage rehearse`: boot the built images as a virtual cluster and prove it works.
+
+Each chosen node boots from a copy-on-write overlay of its built image (qcow2 with the `.img` as
+backing file: the flashable image is never written) in `qemu-system-aarch64 -M virt`, with
+Debian's arm64 kernel of the image's release (guestkernel.py). The nodes share one virtual
+Ethernet: a hub in this process on 127.0.0.1 that QEMU's socket netdevs connect to, forwarding
+each frame to the other nodes only — nothing reaches any other network, and no root-only
+network setup is needed. The nodes keep exactly the addresses and names of the inventory.
+
+Commands reach a node through a virtio-serial port and a small agent that exists only in the
+overlay, so a node with a broken network is reported as such instead of hanging the run. Serial
+consoles are logged to `<out>/<cluster>/rehearsal/<node>.console.log`, with the report
+(`report.json`) beside them.
+
+Every QEMU process, the hub and the overlays are gone when rehearse() returns or raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import selectors
+import shlex
+import shutil
+import socket
+import struct
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BuildError, PiimageError, UserError
+from .guestkernel import GuestKernel, guest_kernel
+from .inventory import Cluster, Node
+from .log import log
+from .run import require_tools, run, spawn, stop
+
+AGENT_PORT = "org.piimage.agent"
+AGENT_PATH = "/usr/local/sbin/piimage-rehearsal-agent"
+AGENT_UNIT = "piimage-rehearsal-agent.service"
+OUTPUT_TAIL = 4000  # characters of a check's output kept in the report
+
+# The agent: reads "<id> <base64 script>" lines from the port, runs each script with bash and
+# answers "R <id> <exit code> <base64 output>". Commands run one at a time, each under timeout.
+AGENT_SCRIPT = f"""#!/bin/bash
+# Added by `piimage rehearse` to a throw-away overlay only; never part of a flashable image.
+# Runs the commands the rehearsal sends over a virtio-serial port (independent of the network).
+port=/dev/virtio-ports/{AGENT_PORT}
+work=/run/piimage-agent
+mkdir -p "$work"
+exec 3<>"$port" || exit 1
+while IFS=' ' read -r id payload <&3; do
+    [ -n "$id" ] || continue
+    printf '%s' "$payload" | base64 -d > "$work/cmd" 2>/dev/null
+    timeout 900 bash "$work/cmd" > "$work/out" 2>&1 < /dev/null
+    rc=$?
+    printf 'R %s %s %s\\n' "$id" "$rc" "$(tail -c 65536 "$work/out" | base64 -w0)" >&3
+done
+"""
+
+_DEVICE_UNIT = r"dev-virtio\x2dports-" + AGENT_PORT + ".device"
+AGENT_SERVICE = f"""[Unit]
+Description=piimage rehearsal agent (rehearsal overlays only)
+DefaultDependencies=no
+Wants={_DEVICE_UNIT}
+After={_DEVICE_UNIT} local-fs.target
+
+[Service]
+ExecStart={AGENT_PATH}
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=sysinit.target
+"""
+
+MPI_PROGRAM = """\
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+total = comm.allreduce(comm.Get_rank() + 1)
+print(f"rank {comm.Get_rank()} of {comm.Get_size()} on {MPI.Get_processor_name()}: sum {total}", flush=True)
+"""
+
+
+class RehearsalFailed(PiimageError):
+    """At least one check failed (the report says which)."""
+
+    exit_code = 1
+
+
+class AgentTimeout(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The virtual network
+# ---------------------------------------------------------------------------------------------
+class Hub:
+    """An Ethernet hub for QEMU's `-netdev socket,connect=`: frames arrive as a 4-byte
+    big-endian length and the frame; each goes to every other connected port."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self._sel = selectors.DefaultSelector()
+        self._bufs: dict[socket.socket, bytearray] = {}
+        self._stop = threading.Event()
+        self.frames = 0
+        self._thread = threading.Thread(target=self._serve, name="rehearsal-hub", daemon=True)
+
+    def __enter__(self) -> "Hub":
+        self._sel.register(self.listener, selectors.EVENT_READ)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for s in list(self._bufs):
+            s.close()
+        self.listener.close()
+        self._sel.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._sel.select(timeout=0.2):
+                s = key.fileobj
+                if s is self.listener:
+                    conn, _ = self.listener.accept()
+                    conn.setblocking(True)
+                    conn.settimeout(5)
+                    self._bufs[conn] = bytearray()
+                    self._sel.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = s.recv(262144)
+                except OSError:
+                    data = b""
+                if not data:
+                    self._drop(s)
+                    continue
+                buf = self._bufs[s]
+                buf.extend(data)
+                while len(buf) >= 4:
+                    (n,) = struct.unpack(">I", buf[:4])
+                    if len(buf) < 4 + n:
+                        break
+                    frame = bytes(buf[: 4 + n])
+                    del buf[: 4 + n]
+                    self.frames += 1
+                    for other in list(self._bufs):
+                        if other is not s:
+                            try:
+                                other.sendall(frame)
+                            except OSError:
+                                self._drop(other)
+
+    def _drop(self, s: socket.socket) -> None:
+        if s in self._bufs:
+            del self._bufs[s]
+            try:
+                self._sel.unregister(s)
+            except (KeyError, ValueError):
+                pass
+            s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One node: its overlay, QEMU process and agent
+# ---------------------------------------------------------------------------------------------
+class Agent:
+    """The host end of a node's virtio-serial port (QEMU's unix socket chardev)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock: socket.socket | None = None
+        self._buf = b""
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def connect(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(self.path))
+                self.sock = s
+                return
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def call(self, script: str, timeout: float) -> tuple[int, str]:
+        """Run `script` with bash on the node as root: (exit code, output)."""
+        assert self.sock is not None
+        with self._lock:
+            cid = self._next
+            self._next += 1
+            self.sock.sendall(f"{cid} {base64.b64encode(script.encode()).decode()}\n".encode())
+            deadline = time.monotonic() + timeout
+            while True:
+                while b"\n" in self._buf:
+                    line, self._buf = self._buf.split(b"\n", 1)
+                    parts = line.decode("ascii", "replace").split(" ")
+                    if len(parts) >= 3 and parts[0] == "R" and parts[1] == str(cid):
+                        out = base64.b64decode(parts[3]) if len(parts) > 3 and parts[3] else b""
+                        return int(parts[2]), out.decode("utf-8", "replace")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentTimeout(f"no answer in {timeout:.0f} s")
+                self.sock.settimeout(min(left, 5))
+                try:
+                    chunk = self.sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    raise AgentTimeout("the node's agent port closed")
+                self._buf += chunk
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+@dataclass
+class NodeState:
+    node: Node
+    image: Path
+    overlay: Path
+    console: Path
+    agent: Agent
+    memory_mb: int
+    proc: Any = None
+    started: float = 0.0
+    boot_s: float | None = None
+    failed: str | None = None  # why this node cannot become ready (stops waiting on it)
+    done: set = field(default_factory=set)  # milestones reached ("munge", "slurmd", …)
+    last: dict = field(default_factory=dict)  # the last readiness probe
+
+    @property
+    def name(self) -> str:
+        return self.node.hostname
+
+
+@dataclass
+class Check:
+    name: str
+    node: str
+    ok: bool
+    summary: str
+    output: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    cluster: str
+    nodes: list[str]
+    kernel: str
+    boot_seconds: dict[str, float | None] = field(default_factory=dict)
+    ready_seconds: float | None = None
+    checks: list[Check] = field(default_factory=list)
+    logs: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def text(self) -> str:
+        lines = [f"rehearsal of {self.cluster}: {', '.join(self.nodes)} (kernel {self.kernel})"]
+        for n, s in self.boot_seconds.items():
+            lines.append(f"  {n:<12} booted in {s:.0f} s" if s is not None else f"  {n:<12} did not boot")
+        lines.append(f"  cluster ready after {self.ready_seconds:.0f} s" if self.ready_seconds is not None
+                     else "  cluster never became ready")
+        for c in self.checks:
+            lines.append(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<9} {c.node:<12} {c.summary}")
+            if not c.ok and c.output.strip():
+                lines.extend("        | " + ln for ln in c.output.strip().splitlines()[-12:])
+        lines.append(f"  consoles and report: {self.logs}")
+        lines.append("rehearsal passed" if self.ok else
+                     "rehearsal FAILED: " + "; ".join(f"{c.node}: {c.name}" for c in self.checks if not c.ok))
+        return "\n".join(lines)
+
+
+def vm_memory_mb(model: str) -> int:
+    """The board's RAM, from the model name (pi4-2gb → 2048)."""
+    m = re.search(r"-(\d+)gb$", model)
+    return int(m.group(1)) * 1024 if m else 2048
+
+
+def _host_available_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 4096
+
+
+def _overlay_tar() -> bytes:
+    """What only the rehearsal adds: the agent, its unit, and the link that enables it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        def add(path: str, data: bytes | None, mode: int, link: str | None = None) -> None:
+            ti = tarfile.TarInfo(path.lstrip("/"))
+            ti.uid = ti.gid = 0
+            ti.mtime = int(time.time())
+            ti.mode = mode
+            if link is not None:
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = link
+                tar.addfile(ti)
+            else:
+                ti.size = len(data or b"")
+                tar.addfile(ti, io.BytesIO(data or b""))
+
+        add(AGENT_PATH, AGENT_SCRIPT.encode(), 0o755)
+        add(f"/etc/systemd/system/{AGENT_UNIT}", AGENT_SERVICE.encode(), 0o644)
+        add(f"/etc/systemd/system/sysinit.target.wants/{AGENT_UNIT}", None, 0o777,
+            link=f"/etc/systemd/system/{AGENT_UNIT}")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The rehearsal
+# ---------------------------------------------------------------------------------------------
+class Rehearsal:
+    def __init__(self, cluster: Cluster, nodes: tuple[Node, ...], out_dir: Path, timeout: float):
+        self.cluster = cluster
+        self.nodes = nodes
+        self.images = out_dir / cluster.name
+        self.logs = self.images / "rehearsal"
+        self.timeout = timeout
+        self.head = next((n for n in nodes if n.role == "head"), None)
+        self.compute = [n for n in nodes if n.runs_jobs]
+        self.states: dict[str, NodeState] = {}
+        self.t0 = 0.0
+        self.kernel: GuestKernel | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def check_inputs(self) -> None:
+        require_tools(["qemu-system-aarch64", "qemu-img"])
+        if self.head is None:
+            raise UserError("rehearse needs the head node (slurmctld, NFS server) among --nodes",
+                            hint=f"add {self.cluster.head.hostname if self.cluster.head else 'the head'} to --nodes")
+        if not self.compute:
+            raise UserError("rehearse needs at least one node that runs jobs among --nodes")
+        missing = [n.hostname for n in self.nodes if not (self.images / f"{n.hostname}.img").is_file()]
+        if missing:
+            raise UserError(
+                f"no built image for {', '.join(missing)} in {self.images}/",
+                hint="build them first: piimage build --all (rehearse boots the .img files of --out)")
+
+    def prepare(self, run_dir: Path) -> None:
+        """Overlays for every node (the agent added), the kernel for their release."""
+        from .image import GuestSession
+
+        self.logs.mkdir(parents=True, exist_ok=True)
+        want = {n.hostname: vm_memory_mb(n.hardware.model) for n in self.nodes}
+        budget = int(_host_available_mb() * 0.8)
+        if sum(want.values()) > budget:
+            scale = budget / sum(want.values())
+            log.warning("the host has %d MiB to spare: giving each node %.0f%% of its board's memory "
+                        "(SLURM may then find less memory than slurm.conf says)", budget, scale * 100)
+            want = {k: max(512, int(v * scale)) for k, v in want.items()}
+        for n in self.nodes:
+            img = (self.images / f"{n.hostname}.img").resolve()
+            ov = run_dir / f"{n.hostname}.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img, ov],
+                what=f"qemu-img create (overlay for {n.hostname})")
+            console = self.logs / f"{n.hostname}.console.log"
+            console.unlink(missing_ok=True)
+            self.states[n.hostname] = NodeState(n, img, ov, console, Agent(run_dir / f"{n.hostname}.agent"),
+                                                want[n.hostname])
+        tar = _overlay_tar()
+        suites = set()
+        with GuestSession([s.overlay for s in self.states.values()]) as gs:
+            for disk, st in zip(gs.disks(), self.states.values()):
+                disk.mount()
+                osr = disk.read_text("/etc/os-release")
+                m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", osr, re.MULTILINE)
+                if not m:
+                    raise BuildError(f"{st.image}: /etc/os-release names no release (VERSION_CODENAME)")
+                suites.add(m.group(1))
+                disk.tar_in(tar)
+                disk.umount()
+        if len(suites) != 1:
+            raise UserError(f"the images are of different releases ({', '.join(sorted(suites))}); "
+                            "rebuild them from one base")
+        self.kernel = guest_kernel(suites.pop())
+
+    def qemu_command(self, st: NodeState, hub_port: int, index: int) -> list[str]:
+        assert self.kernel is not None
+        cpus = st.node.hardware.cpus
+        mac = f"52:54:00:5e:{index // 256:02x}:{index % 256:02x}"
+        return [
+            "qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", str(cpus),
+            "-m", str(st.memory_mb), "-accel", "tcg,thread=multi",
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.kernel.initrd),
+            "-append", "console=ttyAMA0 root=/dev/vda2 rw net.ifnames=0 panic=10",
+            "-drive", f"file={st.overlay},format=qcow2,if=none,id=root,cache=unsafe",
+            "-device", "virtio-blk-pci,drive=root",
+            "-drive", f"file={self.kernel.modules_disk},format=raw,if=none,id=mods,readonly=on",
+            "-device", "virtio-blk-pci,drive=mods",
+            "-netdev", f"socket,id=net0,connect=127.0.0.1:{hub_port}",
+            "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=agent,path={st.agent.path},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+            "-serial", f"file:{st.console}",
+            "-object", "rng-random,filename=/dev/urandom,id=rng0", "-device", "virtio-rng-pci,rng=rng0",
+        ]
+
+    # -- running ----------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def boot(self, hub: Hub) -> None:
+        self.t0 = time.monotonic()
+        for i, st in enumerate(self.states.values(), start=1):
+            st.proc = spawn(self.qemu_command(st, hub.port, i), what=f"booting {st.name}")
+            st.started = time.monotonic()
+            log.info("%s: booting (%d CPUs, %d MiB)", st.name, st.node.hardware.cpus, st.memory_mb)
+        for st in self.states.values():
+            st.agent.connect()
+
+    def _alive(self, st: NodeState) -> bool:
+        if st.proc is not None and st.proc.poll() is not None and not st.failed:
+            st.failed = f"QEMU exited (code {st.proc.returncode}); see {st.console}"
+            log.info("%s: %s", st.name, st.failed)
+        return st.failed is None
+
+    def _units(self, st: NodeState) -> list[str]:
+        units = ["munge"]
+        if st.node is self.head:
+            units += ["slurmctld", "nfs-server"]
+        if st.node.runs_jobs:
+            units.append("slurmd")
+        return units
+
+    def _probe(self, st: NodeState) -> dict[str, str]:
+        shared = shlex.quote(self.cluster.shared.path)
+        script = ["echo state=$(systemctl is-system-running 2>/dev/null)",
+                  "echo hostname=$(hostname)",
+                  "echo addr=$(ip -4 -o addr show 2>/dev/null | awk '{print $4}' | tr '\\n' ' ')"]
+        for u in self._units(st):
+            script.append(f"echo unit.{u}=$(systemctl is-active {u} 2>/dev/null)")
+        if st.node is not self.head:
+            script.append(f"timeout 20 ls {shared} >/dev/null 2>&1; "
+                          f"echo mount=$(findmnt -n -o FSTYPE {shared} | tr '\\n' ' ')")
+        if st.node is self.head:
+            script.append("echo sinfo=$(timeout 20 sinfo -h -N -o '%N:%T' 2>/dev/null | tr '\\n' ' ')")
+        _, out = st.agent.call("\n".join(script), timeout=120)
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def _milestone(self, st: NodeState, key: str, text: str) -> None:
+        if key not in st.done:
+            st.done.add(key)
+            log.info("%s: %s (%.0f s)", st.name, text, self.elapsed())
+
+    def wait_ready(self) -> float | None:
+        """Poll every node until the cluster is ready (every compute node idle in sinfo), every
+        node is settled (ready or failed), or the time is up. Returns seconds to ready."""
+        deadline = self.t0 + self.timeout
+        booting = {st.name: st for st in self.states.values()}
+        settled_at: float | None = None
+        grace = 150  # once every service is up or failed: how long sinfo may take to agree
+        ip_of = {st.name: str(st.node.ip) for st in self.states.values()}
+        while time.monotonic() < deadline:
+            for st in self.states.values():
+                if not self._alive(st):
+                    booting.pop(st.name, None)
+                    continue
+                try:
+                    probe = self._probe(st)
+                except AgentTimeout:
+                    continue
+                st.last = probe
+                if st.name in booting and probe.get("state") not in ("", "initializing", "starting", None):
+                    st.boot_s = time.monotonic() - st.started
+                    booting.pop(st.name)
+                    self._milestone(st, "booted", f"booted, system {probe.get('state')}")
+                if st.boot_s is None:
+                    continue
+                if probe.get("hostname") != st.name and "hostname" not in st.done:
+                    st.done.add("hostname")
+                    log.info("%s: reports hostname %r", st.name, probe.get("hostname"))
+                if ip_of[st.name] in probe.get("addr", "").replace("/", " ").split():
+                    self._milestone(st, "address", f"has address {ip_of[st.name]}")
+                for u in self._units(st):
+                    state = probe.get(f"unit.{u}", "")
+                    if state == "active":
+                        self._milestone(st, u, f"{u} up")
+                    elif state == "failed":
+                        self._milestone(st, u + "-failed", f"{u} FAILED")
+                if "nfs" in probe.get("mount", ""):
+                    self._milestone(st, "mount", f"{self.cluster.shared.path} mounted")
+            head = self.states[self.head.hostname]
+            idle = _idle_nodes(head.last.get("sinfo", ""))
+            for n in self.compute:
+                if n.hostname in idle:
+                    self._milestone(head, f"idle-{n.hostname}", f"sinfo: {n.hostname} idle")
+            if all(n.hostname in idle for n in self.compute):
+                return self.elapsed()
+            if not booting and settled_at is None and all(self._settled(st) for st in self.states.values()):
+                settled_at = time.monotonic()
+            if settled_at is not None and time.monotonic() - settled_at > grace:
+                log.info("services settled %d s ago and the cluster is not ready: checking what fails", grace)
+                return None
+            time.sleep(3)
+        log.info("timed out after %.0f s waiting for the cluster", self.timeout)
+        return None
+
+    def _settled(self, st: NodeState) -> bool:
+        if st.failed or st.boot_s is None:
+            return st.failed is not None
+        units_done = all(u in st.done or u + "-failed" in st.done for u in self._units(st))
+        mount_done = st.node is self.head or "mount" in st.done
+        return units_done and (mount_done or time.monotonic() - st.started - st.boot_s > 60)
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _as_user(self, cmd: str) -> str:
+        user = self.cluster.cluster_user.name
+        return f"cd {shlex.quote(self.cluster.shared.path)} 2>/dev/null || cd; " \
+               f"runuser -u {user} -- env HOME=/home/{user} USER={user} bash -c {shlex.quote(cmd)}"
+
+    def _call(self, st: NodeState, script: str, timeout: float = 300) -> tuple[int, str]:
+        if st.failed:
+            return 255, st.failed
+        try:
+            return st.agent.call(script, timeout=timeout)
+        except AgentTimeout as e:
+            return 255, f"{st.name}: {e}"
+
+    def checks(self) -> list[Check]:
+        out: list[Check] = []
+
+        def add(name: str, node: str, ok: bool, summary: str, output: str = "", t0: float | None = None) -> None:
+            c = Check(name, node, ok, summary, output[-OUTPUT_TAIL:], round(time.monotonic() - t0, 1) if t0 else 0.0)
+            out.append(c)
+            log.info("%s  %-9s %-12s %s", "PASS" if ok else "FAIL", name, node, summary)
+
+        head = self.states[self.head.hostname]
+        # per node: booted, name, address, services
+        for st in self.states.values():
+            if st.boot_s is None:
+                add("boot", st.name, False, st.failed or f"did not finish booting in {self.timeout:.0f} s; "
+                    f"see {st.console}", _tail(st.console))
+                continue
+            add("boot", st.name, True, f"booted in {st.boot_s:.0f} s")
+            rc, name = self._call(st, "hostname")
+            add("hostname", st.name, rc == 0 and name.strip() == st.name,
+                f"hostname is {name.strip()!r}" + ("" if name.strip() == st.name else f", expected {st.name!r}"))
+            rc, addrs = self._call(st, "ip -4 -o addr show | awk '{print $2, $4}'")
+            ip = str(st.node.ip)
+            has = [a for a in addrs.split() if "/" in a]
+            add("address", st.name, any(a.split("/")[0] == ip for a in has),
+                f"has {ip}" if any(a.split("/")[0] == ip for a in has) else
+                f"{st.name} has no address {ip} (has: {', '.join(has) or 'none'})", addrs)
+            bad = []
+            for u in self._units(st):
+                rc, state = self._call(st, f"systemctl is-active {u}")
+                if state.strip() != "active":
+                    _, journal = self._call(st, f"journalctl -b -u {u} -n 15 --no-pager -o cat")
+                    bad.append((u, state.strip(), journal))
+            add("services", st.name, not bad,
+                "all up: " + ", ".join(self._units(st)) if not bad else
+                "; ".join(f"{u} is {s or 'unknown'}" for u, s, _ in bad),
+                "\n".join(f"--- {u}\n{j}" for u, _, j in bad))
+        if head.boot_s is None:
+            return out
+        # munge: a credential made on the head decodes on every other node
+        rc, cred = self._call(head, "munge -n")
+        cred = cred.strip()
+        for st in self.states.values():
+            if st is head or st.boot_s is None:
+                continue
+            t0 = time.monotonic()
+            if rc != 0:
+                add("munge", st.name, False, "the head cannot make a munge credential", cred, t0)
+                continue
+            r, dec = self._call(st, f"printf '%s' {shlex.quote(cred)} | unmunge")
+            ok = r == 0 and "STATUS:" in dec and "Success" in dec
+            add("munge", st.name, ok, f"decodes {self.head.hostname}'s credential" if ok else
+                f"{st.name} cannot decode a credential from {self.head.hostname} (munge key or clock differs?)",
+                dec, t0)
+        # sinfo: every compute node idle
+        t0 = time.monotonic()
+        rc, sinfo = self._call(head, "timeout 60 sinfo -N -o '%N %T'")
+        states = {}
+        for line in sinfo.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) == 2:
+                states[parts[0]] = parts[1]
+        not_idle = [f"{n.hostname} is {states.get(n.hostname, 'missing')}" for n in self.compute
+                    if states.get(n.hostname) != "idle"]
+        add("sinfo", self.head.hostname, rc == 0 and not not_idle,
+            "every compute node idle: " + ", ".join(n.hostname for n in self.compute) if rc == 0 and not not_idle
+            else "; ".join(not_idle) or "sinfo failed", sinfo, t0)
+        names = ",".join(n.hostname for n in self.compute)
+        count = len(self.compute)
+        # srun across every compute node
+        t0 = time.monotonic()
+        rc, text = self._call(head, self._as_user(f"timeout 240 srun -I120 -N{count} -w {names} hostname"))
+        got = sorted(set(text.split()) & {n.hostname for n in self.compute})
+        ok = rc == 0 and len(got) == count
+        add("srun", self.head.hostname, ok, f"srun -N{count} hostname: {' '.join(got)}" if ok else
+            f"srun -N{count} hostname failed (exit {rc}); answered: {' '.join(got) or 'none'}", text, t0)
+        # the shared directory: written on the head, read on each compute node
+        token = f"rehearsal {time.time_ns()}"
+        shared = self.cluster.shared.path
+        fname = f"{shared}/.piimage-rehearsal"
+        rc, text = self._call(head, self._as_user(f"printf '%s\\n' {shlex.quote(token)} > {fname}-token && "
+                                                  f"printf '%s' {shlex.quote(MPI_PROGRAM)} > {fname}-mpi.py"))
+        for n in self.compute:
+            st = self.states[n.hostname]
+            if st is head:
+                continue
+            t0 = time.monotonic()
+            r, seen = self._call(st, self._as_user(f"timeout 60 cat {fname}-token"))
+            ok = rc == 0 and r == 0 and seen.strip() == token
+            add("shared", n.hostname, ok, f"reads {shared} written on {self.head.hostname}" if ok else
+                f"{n.hostname} cannot read the file {self.head.hostname} wrote in {shared}", text + seen, t0)
+        # an mpi4py job across every compute node
+        t0 = time.monotonic()
+        rc, text = self._call(head, self._as_user(
+            f"timeout 400 srun -I120 --mpi=pmix -N{count} --ntasks-per-node=1 -w {names} python3 {fname}-mpi.py"),
+            timeout=480)
+        ranks = re.findall(r"rank (\d+) of (\d+) on (\S+): sum (\d+)", text)
+        want_sum = count * (count + 1) // 2
+        hosts = sorted({h for _, _, h, _ in ranks})
+        ok = (rc == 0 and len(ranks) == count and all(int(s) == want_sum and int(z) == count for _, z, _, s in ranks)
+              and hosts == sorted(n.hostname for n in self.compute))
+        add("mpi", self.head.hostname, ok,
+            f"mpi4py allreduce over {count} ranks on {' '.join(hosts)}: sum {want_sum}" if ok else
+            f"mpi4py job across {names} failed (exit {rc}, {len(ranks)} of {count} ranks answered)", text, t0)
+        self._call(head, f"rm -f {fname}-token {fname}-mpi.py")
+        return out
+
+    def teardown(self) -> None:
+        for st in self.states.values():
+            st.agent.close()
+            if st.proc is not None:
+                stop(st.proc)
+
+
+def _idle_nodes(sinfo: str) -> set[str]:
+    return {p.split(":")[0] for p in sinfo.split() if p.endswith(":idle")}
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def rehearse(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, timeout: float = 1200) -> Report:
+    """Boot `nodes` from their built images, wait for the cluster, run the checks. Always
+    tears down (QEMU processes, hub, overlays); the logs and report stay in <out>/<cluster>/rehearsal/."""
+    r = Rehearsal(cluster, nodes, out_dir, timeout)
+    r.check_inputs()
+    run_dir = Path(tempfile.mkdtemp(prefix="piimage-rehearse-", dir="/var/tmp"))
+    report = Report(cluster.name, [n.hostname for n in nodes], "", logs=str(r.logs))
+    try:
+        r.prepare(run_dir)
+        assert r.kernel is not None
+        report.kernel = r.kernel.version
+        with Hub() as hub:
+            try:
+                r.boot(hub)
+                report.ready_seconds = r.wait_ready()
+                report.checks = r.checks()
+            finally:
+                r.teardown()
+        report.boot_seconds = {st.name: (round(st.boot_s, 1) if st.boot_s is not None else None)
+                               for st in r.states.values()}
+        if report.ready_seconds is not None:
+            report.ready_seconds = round(report.ready_seconds, 1)
+    finally:
+        r.teardown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    (r.logs / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report

@@ -1,0 +1,50 @@
+"""Running the piimage command line in integration tests, and the test cluster they build."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Role layers are expensive (apt under emulation): keep them in the machine's own cache so a
+# later run reuses them; downloads and decompressed bases go to a fresh per-session cache, so
+# "downloaded once" is tested for real.
+PERSISTENT_CACHE = Path(os.environ.get("PIIMAGE_TEST_CACHE", Path.home() / ".cache" / "piimage"))
+
+CLUSTER_YAML = """\
+name: testcluster
+base: raspios-lite-arm64
+network:
+  subnet: 10.0.0.0/24
+  gateway: 10.0.0.1
+  dns: [10.0.0.1]
+  interface: eth0
+admin:
+  name: alice
+  ssh_authorized_keys:
+    - {key}
+timezone: Europe/London
+hardware:
+  model: pi4-2gb
+cluster_user: {{name: mpiuser, uid: 1500}}
+nodes:
+  - {{hostname: head, role: head, ip: 10.0.0.10}}
+  - {{hostname: node01, role: compute, ip: 10.0.0.11}}
+  - {{hostname: node02, role: compute, ip: {node02_ip}}}
+"""
+
+
+def piimage(args: list[str], env: dict, cwd: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=3600)
+    if check_rc is not None and proc.returncode != check_rc:
+        pytest.fail(f"piimage {' '.join(args)} exited {proc.returncode}, expected {check_rc}:\n"
+                    f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def pubkey(env) -> str:
+    return (Path(env["HOME"]) / ".ssh" / "id_ed25519.pub").read_text().strip()

@@ -1,0 +1,121 @@
+"""`piimage rehearse` for real: head + two compute nodes built from the trixie stand-in boot
+under qemu-system-aarch64 on a private virtual network, and SLURM, munge, NFS and an mpi4py job
+are checked on them. Then a compute node built with another cluster's munge key must be caught."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from clihelp import CLUSTER_YAML, piimage, pubkey
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def leftovers() -> list[str]:
+    """QEMU machines, overlays or hub ports a rehearsal could leave behind."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("qemu-system-aarch64") and "piimage-rehearse-" in cmd:
+            found.append(f"process {pid}: {cmd[:120]}")
+    found += [f"run dir {p}" for p in Path("/var/tmp").glob("piimage-rehearse-*")]
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster(env, tmp_path_factory):
+    """head, node01, node02 built from the trixie stand-in (role layers shared with test_build)."""
+    cwd = tmp_path_factory.mktemp("rehearse")
+    (cwd / "cluster.yaml").write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.12"))
+    piimage(["build", "--all", "--compress", "none"], env, cwd)
+    return cwd
+
+
+def test_rehearsal_of_a_working_cluster(cluster, env):
+    out = cluster / "out" / "testcluster"
+    images = {h: out / f"{h}.img" for h in ("head", "node01", "node02")}
+    before = {h: _sha(p) for h, p in images.items()}
+    proc = piimage(["rehearse", "--json"], env, cluster, check_rc=None)
+    assert proc.returncode == 0, f"rehearse failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True and report["nodes"] == ["head", "node01", "node02"]
+    # every node booted and the cluster became ready; the figures go into the issue note
+    assert all(isinstance(report["boot_seconds"][h], float) for h in images)
+    assert report["ready_seconds"] > 0
+    print("\nrehearsal figures:", json.dumps({"boot_seconds": report["boot_seconds"],
+                                              "ready_seconds": report["ready_seconds"],
+                                              "checks": {f"{c['name']} {c['node']}": c["seconds"]
+                                                         for c in report["checks"]}}))
+    checks = {(c["name"], c["node"]): c for c in report["checks"]}
+    for node in images:
+        for name in ("boot", "hostname", "address", "services"):
+            assert checks[(name, node)]["ok"], checks[(name, node)]
+    for node in ("node01", "node02"):
+        assert checks[("munge", node)]["ok"] and checks[("shared", node)]["ok"]
+    assert "node01 idle" in checks[("sinfo", "head")]["summary"] or checks[("sinfo", "head")]["ok"]
+    assert {"node01", "node02"} <= set(checks[("srun", "head")]["output"].split())
+    mpi = checks[("mpi", "head")]["output"]
+    ranks = re.findall(r"rank (\d) of 2 on (node0[12]): sum 3", mpi)
+    assert sorted(r for r, _ in ranks) == ["0", "1"] and {h for _, h in ranks} == {"node01", "node02"}, mpi
+    # the consoles and the report are kept; the flashable images are untouched
+    logs = out / "rehearsal"
+    for h in images:
+        assert "Linux version" in (logs / f"{h}.console.log").read_text(errors="replace")
+    assert json.loads((logs / "report.json").read_text())["ok"] is True
+    assert {h: _sha(p) for h, p in images.items()} == before
+    assert leftovers() == []
+
+
+def test_rehearsal_catches_a_foreign_munge_key(cluster, env, tmp_path):
+    """node02 built in another folder (its own secrets: another munge key) next to the good head."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cluster.yaml").write_text((cluster / "cluster.yaml").read_text())
+    piimage(["build", "--hostname", "node02", "--compress", "none"], env, other)
+    good, bad = cluster / "out" / "testcluster", other / "out" / "testcluster"
+    mixed = tmp_path / "mixed" / "testcluster"
+    mixed.mkdir(parents=True)
+    os.link(good / "head.img", mixed / "head.img")
+    os.link(bad / "node02.img", mixed / "node02.img")
+    assert (good / "node02.img").read_bytes()[:512] != b""  # the good node02 exists but is not used
+    proc = piimage(["rehearse", "-i", str(cluster / "cluster.yaml"), "--out", str(mixed.parent),
+                    "--nodes", "head,node02", "--timeout", "900"], env, cluster, check_rc=None)
+    assert proc.returncode == 1, f"rehearse should fail:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    # the report names the node and the check that caught it
+    assert re.search(r"FAIL\s+munge\s+node02\s+node02 cannot decode a credential from head", proc.stdout), proc.stdout
+    assert "rehearsal failed:" in proc.stderr and "node02 munge" in proc.stderr
+    report = json.loads((mixed / "rehearsal" / "report.json").read_text())
+    assert report["ok"] is False
+    failed = {(c["name"], c["node"]) for c in report["checks"] if not c["ok"]}
+    assert ("munge", "node02") in failed and ("sinfo", "head") in failed
+    assert ("boot", "head") not in failed and ("boot", "node02") not in failed
+    assert leftovers() == []
+
+
+def test_rehearse_refuses_missing_images(cluster, env, tmp_path):
+    proc = piimage(["rehearse", "-i", str(cluster / "cluster.yaml"), "--out", str(tmp_path)], env, cluster,
+                   check_rc=2)
+    assert "no built image for head, node01, node02" in proc.stderr and "piimage build --all" in proc.stderr
+    proc = piimage(["rehearse", "--nodes", "node01,node07"], env, cluster, check_rc=2)
+    assert "'node07' is not a node of cluster testcluster" in proc.stderr
+    assert subprocess.run(["pgrep", "-f", "piimage-rehearse-"], capture_output=True).returncode == 1
