@@ -163,6 +163,10 @@ class Hub:
                             except OSError:
                                 self._drop(other)
 
+    @property
+    def connected(self) -> int:
+        return len(self._bufs)
+
     def _drop(self, s: socket.socket) -> None:
         if s in self._bufs:
             del self._bufs[s]

@@ -1,0 +1,178 @@
+"""The rehearsal's host-side parts that need no virtual machine: the initramfs archive, the
+Ethernet hub, the agent protocol, the report, and input checks."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import stat
+import struct
+import subprocess
+import threading
+import time
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from piimage.errors import UserError
+from piimage.guestkernel import newc_archive
+from piimage.inventory import Hardware, Node
+from piimage.rehearse import (
+    Agent,
+    AgentTimeout,
+    Check,
+    Hub,
+    Report,
+    Rehearsal,
+    _idle_nodes,
+    _overlay_tar,
+    vm_memory_mb,
+)
+
+
+def test_newc_archive_reads_back_with_cpio(tmp_path):
+    data = newc_archive([
+        ("bin", stat.S_IFDIR | 0o755, b""),
+        ("bin/busybox", stat.S_IFREG | 0o755, b"\x7fELF" + b"x" * 1001),
+        ("init", stat.S_IFREG | 0o755, b"#!/bin/busybox sh\n"),
+    ])
+    assert len(data) % 4 == 0 and data.startswith(b"070701")
+    listing = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout.decode()
+    names = [line.split()[-1] for line in listing.splitlines()]
+    assert names == ["bin", "bin/busybox", "init"]
+    subprocess.run(["cpio", "-id", "--quiet"], input=data, cwd=tmp_path, check=True)
+    assert (tmp_path / "bin" / "busybox").read_bytes() == b"\x7fELF" + b"x" * 1001
+    assert (tmp_path / "init").stat().st_mode & 0o777 == 0o755
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def _read_frame(s: socket.socket) -> bytes:
+    s.settimeout(5)
+    head = b""
+    while len(head) < 4:
+        head += s.recv(4 - len(head))
+    (n,) = struct.unpack(">I", head)
+    body = b""
+    while len(body) < n:
+        body += s.recv(n - len(body))
+    return body
+
+
+def test_hub_forwards_each_frame_to_every_other_port():
+    with Hub() as hub:
+        a, b, c = (socket.create_connection(("127.0.0.1", hub.port)) for _ in range(3))
+        try:
+            deadline = time.monotonic() + 5
+            while hub.connected < 3 and time.monotonic() < deadline:  # all ports plugged in first
+                time.sleep(0.01)
+            for s in (a, b, c):
+                s.sendall(_frame(b"hello"))
+            for s in (a, b, c):
+                assert [_read_frame(s), _read_frame(s)] == [b"hello", b"hello"]
+            big = bytes(range(256)) * 6  # a full-size Ethernet frame, sent in two pieces
+            msg = _frame(big)
+            a.sendall(msg[:700])
+            a.sendall(msg[700:])
+            assert _read_frame(b) == big and _read_frame(c) == big
+            a.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                a.recv(1)  # the sender does not get its own frame back
+        finally:
+            for s in (a, b, c):
+                s.close()
+    assert hub.frames == 4
+
+
+def _fake_agent(path: Path, answers: dict[str, tuple[int, str]], ready: threading.Event) -> None:
+    """Speaks the guest side of the agent protocol over a unix socket, like QEMU's chardev."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    ready.set()
+    conn, _ = srv.accept()
+    f = conn.makefile("rb")
+    for line in f:
+        cid, b64 = line.decode().split()
+        script = base64.b64decode(b64).decode()
+        if script == "sleep":
+            continue  # never answers
+        rc, out = answers[script]
+        conn.sendall(b"noise from a previous command\n")
+        conn.sendall(f"R {cid} {rc} {base64.b64encode(out.encode()).decode()}\n".encode())
+    conn.close()
+    srv.close()
+
+
+def test_agent_call_round_trip_and_timeout(tmp_path):
+    path = tmp_path / "node.agent"
+    ready = threading.Event()
+    t = threading.Thread(target=_fake_agent, args=(path, {"hostname": (0, "node01\n"), "false": (1, "")}, ready),
+                         daemon=True)
+    t.start()
+    ready.wait(5)
+    agent = Agent(path)
+    agent.connect(timeout=5)
+    assert agent.call("hostname", timeout=5) == (0, "node01\n")
+    assert agent.call("false", timeout=5) == (1, "")
+    with pytest.raises(AgentTimeout):
+        agent.call("sleep", timeout=0.5)
+    agent.close()
+
+
+def test_overlay_adds_only_the_agent():
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(_overlay_tar())) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert set(members) == {
+        "usr/local/sbin/piimage-rehearsal-agent",
+        "etc/systemd/system/piimage-rehearsal-agent.service",
+        "etc/systemd/system/sysinit.target.wants/piimage-rehearsal-agent.service",
+    }
+    assert members["usr/local/sbin/piimage-rehearsal-agent"].mode == 0o755
+    assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+
+
+def test_memory_and_sinfo_parsing():
+    assert vm_memory_mb("pi4-2gb") == 2048 and vm_memory_mb("pi5-16gb") == 16384
+    assert _idle_nodes("node01:idle node02:down* head:mixed node03:idle") == {"node01", "node03"}
+
+
+def test_report_text_names_failing_node_and_check():
+    r = Report("lab", ["head", "node01"], "6.12.1-arm64", {"head": 50.0, "node01": None}, None,
+               [Check("boot", "head", True, "booted in 50 s"),
+                Check("munge", "node01", False, "node01 cannot decode a credential from head", "STATUS: Invalid")],
+               logs="/out/lab/rehearsal")
+    text = r.text()
+    assert not r.ok
+    assert "node01       did not boot" in text and "cluster never became ready" in text
+    assert "FAIL  munge     node01" in text and "| STATUS: Invalid" in text
+    assert text.endswith("rehearsal FAILED: node01: munge")
+    assert r.to_json()["ok"] is False
+
+
+class _Cluster:
+    name = "lab"
+    head = None
+
+
+def _node(name: str, role: str, jobs: bool) -> Node:
+    return Node(name, role, IPv4Address("10.0.0.10"), Hardware("pi4-2gb", 4, 1800), jobs)
+
+
+def test_inputs_are_checked_before_anything_starts(tmp_path):
+    head, n1 = _node("head", "head", False), _node("node01", "compute", True)
+    with pytest.raises(UserError, match="needs the head node"):
+        Rehearsal(_Cluster(), (n1,), tmp_path, 60).check_inputs()
+    with pytest.raises(UserError, match="at least one node that runs jobs"):
+        Rehearsal(_Cluster(), (head,), tmp_path, 60).check_inputs()
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "head.img").write_bytes(b"")
+    with pytest.raises(UserError, match=r"no built image for node01 in .*/lab/") as e:
+        Rehearsal(_Cluster(), (head, n1), tmp_path, 60).check_inputs()
+    assert "piimage build --all" in e.value.hint
