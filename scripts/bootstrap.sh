@@ -12,9 +12,10 @@ RUNTIME_PACKAGES=(
   libguestfs-tools python3-guestfs "linux-image-$arch" qemu-user-static qemu-utils
   binfmt-support xz-utils zstd pigz openssh-client fdisk e2fsprogs dosfstools mtools
   cloud-guest-utils bmap-tools python3-venv ca-certificates
+  qemu-system-arm debian-archive-keyring  # piimage rehearse: boots the images, Debian's kernel
 )
 # What the test suite needs on top: the stand-in image builder and image checkers.
-TEST_PACKAGES=(mmdebstrap debian-archive-keyring arch-test qemu-system-arm)
+TEST_PACKAGES=(mmdebstrap arch-test cpio)
 
 _missing_packages() {
   local p

@@ -499,8 +499,6 @@ class Rehearsal:
                     st.boot_s = time.monotonic() - st.started
                     booting.pop(st.name)
                     self._milestone(st, "booted", f"booted, system {probe.get('state')}")
-                if st.boot_s is None:
-                    continue
                 if probe.get("hostname") != st.name and "hostname" not in st.done:
                     st.done.add("hostname")
                     log.info("%s: reports hostname %r", st.name, probe.get("hostname"))
