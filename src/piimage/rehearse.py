@@ -483,7 +483,7 @@ class Rehearsal:
         deadline = self.t0 + self.timeout
         booting = {st.name: st for st in self.states.values()}
         settled_at: float | None = None
-        grace = 150  # once every service is up or failed: how long sinfo may take to agree
+        grace = 90  # once every service is up or failed: how long sinfo may take to agree
         ip_of = {st.name: str(st.node.ip) for st in self.states.values()}
         while time.monotonic() < deadline:
             for st in self.states.values():
@@ -616,13 +616,18 @@ class Rehearsal:
             else "; ".join(not_idle) or "sinfo failed", sinfo, t0)
         names = ",".join(n.hostname for n in self.compute)
         count = len(self.compute)
+        if not_idle:
+            # jobs would only queue for nodes that are not idle: say so instead of waiting
+            for name in ("srun", "mpi"):
+                add(name, self.head.hostname, False, "not run: " + "; ".join(not_idle))
         # srun across every compute node
-        t0 = time.monotonic()
-        rc, text = self._call(head, self._as_user(f"timeout 240 srun -I120 -N{count} -w {names} hostname"))
-        got = sorted(set(text.split()) & {n.hostname for n in self.compute})
-        ok = rc == 0 and len(got) == count
-        add("srun", self.head.hostname, ok, f"srun -N{count} hostname: {' '.join(got)}" if ok else
-            f"srun -N{count} hostname failed (exit {rc}); answered: {' '.join(got) or 'none'}", text, t0)
+        if not not_idle:
+            t0 = time.monotonic()
+            rc, text = self._call(head, self._as_user(f"timeout 240 srun -I120 -N{count} -w {names} hostname"))
+            got = sorted(set(text.split()) & {n.hostname for n in self.compute})
+            ok = rc == 0 and len(got) == count
+            add("srun", self.head.hostname, ok, f"srun -N{count} hostname: {' '.join(got)}" if ok else
+                f"srun -N{count} hostname failed (exit {rc}); answered: {' '.join(got) or 'none'}", text, t0)
         # the shared directory: written on the head, read on each compute node
         token = f"rehearsal {time.time_ns()}"
         shared = self.cluster.shared.path
@@ -639,6 +644,9 @@ class Rehearsal:
             add("shared", n.hostname, ok, f"reads {shared} written on {self.head.hostname}" if ok else
                 f"{n.hostname} cannot read the file {self.head.hostname} wrote in {shared}", text + seen, t0)
         # an mpi4py job across every compute node
+        if not_idle:
+            self._call(head, f"rm -f {fname}-token {fname}-mpi.py")
+            return out
         t0 = time.monotonic()
         rc, text = self._call(head, self._as_user(
             f"timeout 400 srun -I120 --mpi=pmix -N{count} --ntasks-per-node=1 -w {names} python3 {fname}-mpi.py"),
