@@ -119,3 +119,31 @@ def test_rehearse_refuses_missing_images(cluster, env, tmp_path):
     proc = piimage(["rehearse", "--nodes", "node01,node07"], env, cluster, check_rc=2)
     assert "'node07' is not a node of cluster testcluster" in proc.stderr
     assert subprocess.run(["pgrep", "-f", "piimage-rehearse-"], capture_output=True).returncode == 1
+
+
+def test_interrupted_rehearsal_leaves_nothing(cluster, env):
+    """Ctrl-C while the machines boot: exit 130, no QEMU, no overlay, images untouched."""
+    import signal
+    import sys
+    import time
+
+    head = cluster / "out" / "testcluster" / "head.img"
+    before = _sha(head)
+    proc = subprocess.Popen([sys.executable, "-m", "piimage.cli", "rehearse", "--nodes", "head,node01"],
+                            env=env, cwd=cluster, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    seen = ""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen += line
+        if "node01: booting" in line or not line:
+            break
+    assert "node01: booting" in seen, seen
+    time.sleep(10)  # the machines are running now
+    assert any("piimage-rehearse-" in p for p in leftovers())
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert leftovers() == []
+    assert _sha(head) == before
