@@ -14,8 +14,13 @@ RUNTIME_PACKAGES=(
   cloud-guest-utils bmap-tools python3-venv ca-certificates
   qemu-system-arm debian-archive-keyring  # piimage rehearse: boots the images, Debian's kernel
 )
-# What the test suite needs on top: the stand-in image builder and image checkers.
-TEST_PACKAGES=(mmdebstrap arch-test cpio)
+# What the test suite needs on top: the stand-in image builder, image checkers, and Docker
+# (tests/integration/test_docker.py builds and runs the builder image).
+TEST_PACKAGES=(mmdebstrap arch-test cpio docker.io)
+# Debian's packages for pyproject.toml's dependencies (and the build backend): the Docker
+# builder installs piimage from these, without PyPI (`pip install --no-index` there fails if
+# this list falls behind pyproject.toml). A host venv takes them from PyPI instead.
+PYTHON_PACKAGES=(python3-click python3-jinja2 python3-yaml python3-requests python3-setuptools python3-wheel)
 
 _missing_packages() {
   local p
