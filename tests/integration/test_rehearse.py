@@ -72,7 +72,9 @@ def test_rehearsal_of_a_working_cluster(cluster, env):
             assert checks[(name, node)]["ok"], checks[(name, node)]
     for node in ("node01", "node02"):
         assert checks[("munge", node)]["ok"] and checks[("shared", node)]["ok"]
-    assert "node01 idle" in checks[("sinfo", "head")]["summary"] or checks[("sinfo", "head")]["ok"]
+    for name in ("sinfo", "srun", "mpi"):
+        assert checks[(name, "head")]["ok"], checks[(name, "head")]
+    assert checks[("sinfo", "head")]["summary"] == "every compute node idle: node01, node02"
     assert {"node01", "node02"} <= set(checks[("srun", "head")]["output"].split())
     mpi = checks[("mpi", "head")]["output"]
     ranks = re.findall(r"rank (\d) of 2 on (node0[12]): sum 3", mpi)
