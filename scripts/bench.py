@@ -38,7 +38,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", default="bookworm", choices=["bookworm", "trixie"])
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--rehearse", type=int, metavar="N", default=0,
+                    help="instead: build head + N compute nodes (role layers from the machine's cache) "
+                         "and time `piimage rehearse` on them")
     a = ap.parse_args()
+    if a.rehearse:
+        return bench_rehearse(a)
     scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-"))
     try:
         pub = scratch / "standin"
@@ -70,6 +75,49 @@ def main() -> None:
         print(f"xz -T0 -3 alone on node01.img:                                           {t_xz:7.1f} s")
         print(f"build --hostname node01 --compress xz (stamp + xz):                      {t_c:7.1f} s "
               f"(stamp alone {t_stamp:.1f} s; compression share {(t_c - t_stamp) / t_xz:.2f}× xz alone)")
+    finally:
+        if a.keep:
+            print(f"scratch kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def bench_rehearse(a) -> None:
+    """Boot and readiness figures of `piimage rehearse` for head + N compute nodes."""
+    import json
+
+    scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-"))
+    try:
+        pub = scratch / "standin"
+        sh([str(ROOT / "scripts" / "standin-image"), "--suite", a.suite, "--out", str(pub)])
+        base = pub / f"raspios-standin-{a.suite}-arm64-lite.img.xz"
+        machine_cache = Path(os.environ.get("PIIMAGE_CACHE", Path.home() / ".cache" / "piimage"))
+        env = dict(os.environ, PIIMAGE_CACHE=str(scratch / "cache"),
+                   PIIMAGE_LAYER_CACHE=str(machine_cache / "layers"),
+                   PIIMAGE_APT_CACHE=str(machine_cache / "apt-archives"))
+        d = scratch / "c"
+        d.mkdir()
+        (d / "cluster.yaml").write_text(cluster_yaml(base, a.rehearse))
+        print(f"stand-in: {a.suite}, {os.cpu_count()} cores, head + {a.rehearse} compute nodes", flush=True)
+        t_build, _ = timed(["build", "--all", "--compress", "none"], d, env)
+        print(f"build --all --compress none:                      {t_build:7.1f} s")
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "piimage.cli", "rehearse", "--json"], cwd=d, env=env,
+                           capture_output=True, text=True)
+        t_all = time.monotonic() - t0
+        report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else None
+        if report is None:
+            sys.exit(f"piimage rehearse printed no report (exit {r.returncode}):\n{r.stderr[-3000:]}")
+        kernel = re.search(r"rehearsal kernel: .*", r.stderr)
+        print(f"rehearse, in all (kernel fetch, overlays, boot, checks, teardown): {t_all:7.1f} s  "
+              f"(exit {r.returncode}, {'passed' if report['ok'] else 'FAILED'})")
+        print(f"  {kernel.group(0) if kernel else ''}")
+        for node, s in report["boot_seconds"].items():
+            print(f"  boot {node:<10} {s:7.1f} s")
+        print(f"  cluster ready after    {report['ready_seconds'] or float('nan'):7.1f} s")
+        for c in report["checks"]:
+            if c["seconds"]:
+                print(f"  check {c['name']:<8} {c['node']:<10} {c['seconds']:6.1f} s  {'ok' if c['ok'] else 'FAILED'}")
     finally:
         if a.keep:
             print(f"scratch kept: {scratch}")
