@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildError, PiimageError, UserError
+from .fsutil import write_atomic
 from .guestkernel import GuestKernel, guest_kernel
 from .inventory import Cluster, Node
 from .log import log
@@ -481,29 +482,25 @@ class Rehearsal:
         """Poll every node until the cluster is ready (every compute node idle in sinfo), every
         node is settled (ready or failed), or the time is up. Returns seconds to ready."""
         deadline = self.t0 + self.timeout
-        booting = {st.name: st for st in self.states.values()}
         settled_at: float | None = None
         grace = 90  # once every service is up or failed: how long sinfo may take to agree
-        ip_of = {st.name: str(st.node.ip) for st in self.states.values()}
         while time.monotonic() < deadline:
             for st in self.states.values():
                 if not self._alive(st):
-                    booting.pop(st.name, None)
                     continue
                 try:
                     probe = self._probe(st)
                 except AgentTimeout:
                     continue
                 st.last = probe
-                if st.name in booting and probe.get("state") not in ("", "initializing", "starting", None):
+                if st.boot_s is None and probe.get("state") not in ("", "initializing", "starting", None):
                     st.boot_s = time.monotonic() - st.started
-                    booting.pop(st.name)
                     self._milestone(st, "booted", f"booted, system {probe.get('state')}")
                 if probe.get("hostname") != st.name and "hostname" not in st.done:
                     st.done.add("hostname")
                     log.info("%s: reports hostname %r", st.name, probe.get("hostname"))
-                if ip_of[st.name] in probe.get("addr", "").replace("/", " ").split():
-                    self._milestone(st, "address", f"has address {ip_of[st.name]}")
+                if str(st.node.ip) in probe.get("addr", "").replace("/", " ").split():
+                    self._milestone(st, "address", f"has address {st.node.ip}")
                 for u in self._units(st):
                     state = probe.get(f"unit.{u}", "")
                     if state == "active":
@@ -519,7 +516,7 @@ class Rehearsal:
                     self._milestone(head, f"idle-{n.hostname}", f"sinfo: {n.hostname} idle")
             if all(n.hostname in idle for n in self.compute):
                 return self.elapsed()
-            if not booting and settled_at is None and all(self._settled(st) for st in self.states.values()):
+            if settled_at is None and all(self._settled(st) for st in self.states.values()):
                 settled_at = time.monotonic()
             if settled_at is not None and time.monotonic() - settled_at > grace:
                 log.info("services settled %d s ago and the cluster is not ready: checking what fails", grace)
@@ -703,7 +700,6 @@ def rehearse(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, timeou
         if report.ready_seconds is not None:
             report.ready_seconds = round(report.ready_seconds, 1)
     finally:
-        r.teardown()
         shutil.rmtree(run_dir, ignore_errors=True)
-    (r.logs / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    write_atomic(r.logs / "report.json", json.dumps(report.to_json(), indent=2) + "\n")
     return report

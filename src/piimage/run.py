@@ -170,19 +170,15 @@ def run(
     return subprocess.CompletedProcess(argv, rc, stdout=out, stderr="")
 
 
-def spawn(cmd: Sequence[str | os.PathLike], *, what: str, stdout: IO[bytes] | None = None,
-          env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Start a long-running child (a virtual machine) in its own process group; `stop()` it.
-    Until then terminate_all() ends it too, so an interrupt never leaves it behind."""
+def spawn(cmd: Sequence[str | os.PathLike], *, what: str) -> subprocess.Popen:
+    """Start a long-running child (a virtual machine) in its own process group, its output
+    discarded; `stop()` it. Until then terminate_all() ends it too, so an interrupt never
+    leaves it behind."""
     argv = [str(c) for c in cmd]
     log.debug("$ %s &", " ".join(argv))
-    full_env = None
-    if env is not None:
-        full_env = dict(os.environ)
-        full_env.update(env)
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout or subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         raise CommandError(f"{what}: cannot start {argv[0]}: {e.strerror}", returncode=-1, output_tail="") from None
     with _live_lock:

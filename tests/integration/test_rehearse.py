@@ -4,7 +4,6 @@ are checked on them. Then a compute node built with another cluster's munge key 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -12,18 +11,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from clihelp import CLUSTER_YAML, piimage, pubkey
+
+from piimage.fsutil import sha256_file as _sha
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def leftovers() -> list[str]:
@@ -120,7 +114,7 @@ def test_rehearse_refuses_missing_images(cluster, env, tmp_path):
     assert "no built image for head, node01, node02" in proc.stderr and "piimage build --all" in proc.stderr
     proc = piimage(["rehearse", "--nodes", "node01,node07"], env, cluster, check_rc=2)
     assert "'node07' is not a node of cluster testcluster" in proc.stderr
-    assert subprocess.run(["pgrep", "-f", "piimage-rehearse-"], capture_output=True).returncode == 1
+    assert subprocess.run(["pgrep", "-f", "piimage-rehearse-"], check=False, capture_output=True).returncode == 1
 
 
 def test_interrupted_rehearsal_leaves_nothing(cluster, env):
@@ -144,7 +138,7 @@ def test_interrupted_rehearsal_leaves_nothing(cluster, env):
     time.sleep(10)  # the machines are running now
     assert any("piimage-rehearse-" in p for p in leftovers())
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert leftovers() == []
