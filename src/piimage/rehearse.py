@@ -68,6 +68,8 @@ _DEVICE_UNIT = r"dev-virtio\x2dports-" + AGENT_PORT + ".device"
 AGENT_SERVICE = f"""[Unit]
 Description=piimage rehearsal agent (rehearsal overlays only)
 DefaultDependencies=no
+# Keep answering when a failed boot isolates emergency.target, so the rehearsal can say why.
+IgnoreOnIsolate=yes
 Wants={_DEVICE_UNIT}
 After={_DEVICE_UNIT} local-fs.target
 
@@ -79,6 +81,23 @@ RestartSec=1
 [Install]
 WantedBy=sysinit.target
 """
+
+# Waits that a Pi never comes near but full emulation stretches several times (a node here boots
+# in 2-5 minutes on two host cores, a Pi 4 in well under one): systemd's 90 s default for a
+# device to appear (fstab's /boot/firmware, by PARTUUID) and for a unit to start. Raised in the
+# rehearsal overlay only; the flashable images keep systemd's defaults.
+EMULATION_TIMEOUT_S = 600
+SYSTEMD_TIMEOUTS_PATH = "/etc/systemd/system.conf.d/90-piimage-rehearsal-timeouts.conf"
+SYSTEMD_TIMEOUTS = f"""# Added by `piimage rehearse` to a throw-away overlay only (emulation is slow; a Pi is not).
+[Manager]
+DefaultTimeoutStartSec={EMULATION_TIMEOUT_S}s
+DefaultDeviceTimeoutSec={EMULATION_TIMEOUT_S}s
+"""
+
+# Console lines that explain a boot gone wrong (emergency mode, failed or timed-out units).
+_CONSOLE_TROUBLE = re.compile(
+    r"Timed out waiting for|Dependency failed for|Failed to (start|mount)|emergency mode|"
+    r"\bFAILED\b|Kernel panic|Give root password|You are in emergency mode", re.IGNORECASE)
 
 MPI_PROGRAM = """\
 from mpi4py import MPI
@@ -317,7 +336,8 @@ def _host_available_mb() -> int:
 
 
 def _overlay_tar() -> bytes:
-    """What only the rehearsal adds: the agent, its unit, and the link that enables it."""
+    """What only the rehearsal adds: the agent, its unit, the link that enables it, and
+    systemd's start and device timeouts raised for emulation (EMULATION_TIMEOUT_S)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         def add(path: str, data: bytes | None, mode: int, link: str | None = None) -> None:
@@ -337,6 +357,7 @@ def _overlay_tar() -> bytes:
         add(f"/etc/systemd/system/{AGENT_UNIT}", AGENT_SERVICE.encode(), 0o644)
         add(f"/etc/systemd/system/sysinit.target.wants/{AGENT_UNIT}", None, 0o777,
             link=f"/etc/systemd/system/{AGENT_UNIT}")
+        add(SYSTEMD_TIMEOUTS_PATH, SYSTEMD_TIMEOUTS.encode(), 0o644)
     return buf.getvalue()
 
 
@@ -461,6 +482,8 @@ class Rehearsal:
     def _probe(self, st: NodeState) -> dict[str, str]:
         shared = shlex.quote(self.cluster.shared.path)
         script = ["echo state=$(systemctl is-system-running 2>/dev/null)",
+                  "echo failed=$(systemctl list-units --state=failed --plain --no-legend 2>/dev/null"
+                  " | awk '{print $1}' | tr '\\n' ' ')",
                   "echo hostname=$(hostname)",
                   "echo addr=$(ip -4 -o addr show 2>/dev/null | awk '{print $4}' | tr '\\n' ' ')"]
         for u in self._units(st):
@@ -496,6 +519,10 @@ class Rehearsal:
                 if st.boot_s is None and probe.get("state") not in ("", "initializing", "starting", None):
                     st.boot_s = time.monotonic() - st.started
                     self._milestone(st, "booted", f"booted, system {probe.get('state')}")
+                if probe.get("state") == "maintenance" and not st.failed:
+                    # emergency or rescue mode: nothing more will start on this node
+                    st.failed = f"in emergency mode; {_failed_units_text(probe)}"
+                    log.info("%s: %s", st.name, st.failed)
                 if probe.get("hostname") != st.name and "hostname" not in st.done:
                     st.done.add("hostname")
                     log.info("%s: reports hostname %r", st.name, probe.get("hostname"))
@@ -557,11 +584,16 @@ class Rehearsal:
         head = self.states[self.head.hostname]
         # per node: booted, name, address, services
         for st in self.states.values():
-            if st.boot_s is None:
-                add("boot", st.name, False, st.failed or f"did not finish booting in {self.timeout:.0f} s; "
-                    f"see {st.console}", _tail(st.console))
+            state = st.last.get("state", "")
+            if st.boot_s is None or state == "maintenance":
+                add("boot", st.name, False, st.failed or f"did not finish booting in {self.timeout:.0f} s "
+                    f"(system {state or 'not answering'}); see {st.console}", _console_trouble(st.console))
                 continue
-            add("boot", st.name, True, f"booted in {st.boot_s:.0f} s")
+            if state == "degraded":
+                add("boot", st.name, False, f"booted in {st.boot_s:.0f} s, but degraded: {_failed_units_text(st.last)}",
+                    _console_trouble(st.console))
+            else:
+                add("boot", st.name, True, f"booted in {st.boot_s:.0f} s")
             rc, name = self._call(st, "hostname")
             add("hostname", st.name, rc == 0 and name.strip() == st.name,
                 f"hostname is {name.strip()!r}" + ("" if name.strip() == st.name else f", expected {st.name!r}"))
@@ -596,7 +628,7 @@ class Rehearsal:
             r, dec = self._call(st, f"printf '%s' {shlex.quote(cred)} | unmunge")
             ok = r == 0 and "STATUS:" in dec and "Success" in dec
             add("munge", st.name, ok, f"decodes {self.head.hostname}'s credential" if ok else
-                f"{st.name} cannot decode a credential from {self.head.hostname} (munge key or clock differs?)",
+                f"{st.name} cannot decode a credential from {self.head.hostname}: {_unmunge_error(dec)}",
                 dec, t0)
         # sinfo: every compute node idle
         t0 = time.monotonic()
@@ -611,19 +643,22 @@ class Rehearsal:
         add("sinfo", self.head.hostname, rc == 0 and not not_idle,
             "every compute node idle: " + ", ".join(n.hostname for n in self.compute) if rc == 0 and not not_idle
             else "; ".join(not_idle) or "sinfo failed", sinfo, t0)
-        names = ",".join(n.hostname for n in self.compute)
-        count = len(self.compute)
-        if not_idle:
-            # jobs would only queue for nodes that are not idle: say so instead of waiting
+        # jobs run on the compute nodes that are idle; those that are not would only make them
+        # queue, and are already named by the sinfo check
+        jobs = [n for n in self.compute if states.get(n.hostname) == "idle"]
+        names = ",".join(n.hostname for n in jobs)
+        count = len(jobs)
+        left_out = f" ({'; '.join(not_idle)}: left out)" if not_idle else ""
+        if not jobs:
             for name in ("srun", "mpi"):
-                add(name, self.head.hostname, False, "not run: " + "; ".join(not_idle))
-        # srun across every compute node
-        if not not_idle:
+                add(name, self.head.hostname, False, "not run: " + ("; ".join(not_idle) or "sinfo failed"))
+        # srun across every idle compute node
+        else:
             t0 = time.monotonic()
             rc, text = self._call(head, self._as_user(f"timeout 240 srun -I120 -N{count} -w {names} hostname"))
-            got = sorted(set(text.split()) & {n.hostname for n in self.compute})
+            got = sorted(set(text.split()) & {n.hostname for n in jobs})
             ok = rc == 0 and len(got) == count
-            add("srun", self.head.hostname, ok, f"srun -N{count} hostname: {' '.join(got)}" if ok else
+            add("srun", self.head.hostname, ok, f"srun -N{count} hostname: {' '.join(got)}{left_out}" if ok else
                 f"srun -N{count} hostname failed (exit {rc}); answered: {' '.join(got) or 'none'}", text, t0)
         # the shared directory: written on the head, read on each compute node
         token = f"rehearsal {time.time_ns()}"
@@ -640,8 +675,8 @@ class Rehearsal:
             ok = rc == 0 and r == 0 and seen.strip() == token
             add("shared", n.hostname, ok, f"reads {shared} written on {self.head.hostname}" if ok else
                 f"{n.hostname} cannot read the file {self.head.hostname} wrote in {shared}", text + seen, t0)
-        # an mpi4py job across every compute node
-        if not_idle:
+        # an mpi4py job across every idle compute node
+        if not jobs:
             self._call(head, f"rm -f {fname}-token {fname}-mpi.py")
             return out
         t0 = time.monotonic()
@@ -652,9 +687,9 @@ class Rehearsal:
         want_sum = count * (count + 1) // 2
         hosts = sorted({h for _, _, h, _ in ranks})
         ok = (rc == 0 and len(ranks) == count and all(int(s) == want_sum and int(z) == count for _, z, _, s in ranks)
-              and hosts == sorted(n.hostname for n in self.compute))
+              and hosts == sorted(n.hostname for n in jobs))
         add("mpi", self.head.hostname, ok,
-            f"mpi4py allreduce over {count} ranks on {' '.join(hosts)}: sum {want_sum}" if ok else
+            f"mpi4py allreduce over {count} ranks on {' '.join(hosts)}: sum {want_sum}{left_out}" if ok else
             f"mpi4py job across {names} failed (exit {rc}, {len(ranks)} of {count} ranks answered)", text, t0)
         self._call(head, f"rm -f {fname}-token {fname}-mpi.py")
         return out
@@ -666,15 +701,32 @@ class Rehearsal:
                 stop(st.proc)
 
 
+def _unmunge_error(out: str) -> str:
+    """unmunge's own words: "STATUS: Invalid credential (6)", or its error line."""
+    for line in out.splitlines():
+        if line.startswith("STATUS:"):
+            return line.split(":", 1)[1].strip()
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    return lines[-1].removeprefix("unmunge: ").removeprefix("Error: ") if lines else "no output"
+
+
 def _idle_nodes(sinfo: str) -> set[str]:
     return {p.split(":")[0] for p in sinfo.split() if p.endswith(":idle")}
 
 
-def _tail(path: Path, n: int = 40) -> str:
+def _failed_units_text(probe: dict[str, str]) -> str:
+    units = probe.get("failed", "").split()
+    return "failed units: " + ", ".join(units) if units else "no failed unit listed"
+
+
+def _console_trouble(path: Path, n: int = 25) -> str:
+    """The console lines that explain a failed boot, else the console's last lines."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
+    hits = [ln for ln in lines if _CONSOLE_TROUBLE.search(ln)]
+    return "\n".join(hits[-n:] if hits else lines[-n:])
 
 
 def rehearse(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, timeout: float = 1200) -> Report:

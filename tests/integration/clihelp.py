@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from phases import record_piimage
 
 # Role layers are expensive (apt under emulation): keep them in the machine's own cache so a
 # later run reuses them; downloads and decompressed bases go to a fresh per-session cache, so
@@ -38,8 +40,10 @@ nodes:
 
 
 def piimage(args: list[str], env: dict, cwd: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=3600)
+    record_piimage(args, proc.stderr, time.monotonic() - t0)
     if check_rc is not None and proc.returncode != check_rc:
         pytest.fail(f"piimage {' '.join(args)} exited {proc.returncode}, expected {check_rc}:\n"
                     f"{proc.stderr[-4000:]}")

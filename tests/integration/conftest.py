@@ -56,12 +56,14 @@ import re
 import shutil
 import subprocess
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import phases
 import pytest
 
 from clihelp import PERSISTENT_CACHE
@@ -199,12 +201,43 @@ def standin_server(tmp_path_factory):
         server.server_close()
 
 
+SUITES = ("bookworm", "trixie")
+
+
+def _suites_needed(session: pytest.Session) -> set[str]:
+    """The stand-ins the collected tests will ask for (fixture closures name them)."""
+    need: set[str] = set()
+    for item in session.items:
+        names = set(getattr(item, "fixturenames", ()))
+        need |= {s for s in SUITES if f"standin_{s}" in names}
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("suite") in SUITES:
+            need.add(callspec.params["suite"])
+    return need
+
+
 @pytest.fixture(scope="session")
-def standin(standin_server):
+def standin(standin_server, request, tmp_path_factory):
+    """The first request builds every stand-in the session needs at once, one process per
+    suite: each build is mostly one emulated dpkg at a time, so two of them use both cores
+    (cold: bookworm ~3 min and trixie ~10 min one after the other). Each is built into a
+    private folder (filling the cache), then published into the server's folder from the
+    cache, one suite at a time, since publishing merges into one os_list.json."""
     made: dict[str, StandIn] = {}
+    builds: dict[str, Future] = {}
+    pool = ThreadPoolExecutor(max_workers=len(SUITES), thread_name_prefix="standin")
+    scratch = tmp_path_factory.mktemp("standin-builds")
+
+    def build(suite: str) -> None:
+        with phases.timed(f"stand-in {suite} (build or cache)"):
+            run_standin_script(suite, scratch / suite, standin_server.url_base)
 
     def get(suite: str) -> StandIn:
         if suite not in made:
+            for s in sorted(_suites_needed(request.session) | {suite}):
+                if s not in builds:
+                    builds[s] = pool.submit(build, s)
+            builds[suite].result()  # re-raises the build's skip or failure here
             run_standin_script(suite, standin_server.dir, standin_server.url_base)
             d = standin_server.dir
             basename = f"raspios-standin-{suite}-arm64-lite.img.xz"
@@ -221,7 +254,12 @@ def standin(standin_server):
             )
         return made[suite]
 
-    return get
+    try:
+        yield get
+    finally:
+        for f in builds.values():
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 @pytest.fixture(scope="session")
@@ -280,3 +318,11 @@ def env(tmp_path_factory, standin_trixie, standin_bookworm):
         PIIMAGE_OS_LIST_URL=standin_trixie.os_list_url,
     )
     return e
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The expensive phases of this run and their wall time (scripts/test prints this last)."""
+    if phases.PHASES:
+        terminalreporter.section("time of the expensive phases")
+        for line in phases.summary():
+            terminalreporter.write_line(line)

@@ -94,11 +94,20 @@ def test_default_cluster_node02(node02_default, env):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def cluster_all(env, tmp_path_factory):
+    # No compression here: test_outputs_for_flashing_tools compresses the one image it checks
+    # (xz of three ~2 GB images would cost minutes of a two-core CI machine for nothing).
     cwd = tmp_path_factory.mktemp("cluster")
     (cwd / "cluster.yaml").write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.12"))
     before = host_mounts_and_loops()
-    proc = piimage(["build", "--all"], env, cwd)
+    proc = piimage(["build", "--all", "--compress", "none"], env, cwd)
     return cwd, proc, before
+
+
+def copy_of(cwd: Path, dest: Path) -> Path:
+    """The cluster folder with its secrets, its out/ hard-linked: a build there replaces the
+    links (files are published by rename) and leaves the session's cluster as it was."""
+    subprocess.run(["cp", "-a", "--link", str(cwd), str(dest)], check=True)
+    return dest
 
 
 def test_all_nodes_distinct_identities(cluster_all):
@@ -196,16 +205,17 @@ def test_bookworm_node(env, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Outputs every flashing tool takes (--all compresses with xz by default).
+# Outputs every flashing tool takes (xz, the default of --all: see tests/unit/test_cli.py).
 # --------------------------------------------------------------------------------------------
 def _sha(path: Path) -> str:
     return subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
 
 
-def test_outputs_for_flashing_tools(cluster_all, tmp_path):
+def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
     import xml.etree.ElementTree as ET
 
-    cwd, _, _ = cluster_all
+    cwd = copy_of(cluster_all[0], tmp_path / "cluster")
+    piimage(["build", "--hostname", "node01", "--compress", "xz"], env, cwd)
     out = cwd / "out" / "testcluster"
     img, xz = out / "node01.img", out / "node01.img.xz"
     # .img.xz decompresses to exactly the .img, and both sidecars are right
@@ -250,9 +260,13 @@ def test_outputs_for_flashing_tools(cluster_all, tmp_path):
     subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=out, check=True)
 
 
-# Runs last: it rebuilds the cluster of the tests above with a new address for node02.
-def test_changed_ip_reuses_role_layers(cluster_all, env):
-    cwd, first, _ = cluster_all
+# Rebuilds a copy of the cluster above, with node01's .img.xz, with a new address for node02.
+def test_changed_ip_reuses_role_layers(cluster_all, env, tmp_path):
+    cwd = copy_of(cluster_all[0], tmp_path / "cluster")
+    # what `--compress zstd` left beside node02.img in an earlier build
+    first = cwd / "out" / "testcluster" / "node02.img"
+    subprocess.run(["zstd", "-q", "-T0", "-1", str(first), "-o", f"{first}.zst"], check=True)
+    Path(f"{first}.zst.sha256").write_text(f"{_sha(Path(f'{first}.zst'))}  node02.img.zst\n")
     (cwd / "cluster.yaml").write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.22"))
     cache_images = Path(env["PIIMAGE_CACHE"]) / "images"
     before = {p: p.stat().st_mtime_ns for p in cache_images.glob("*/image.img")}
@@ -272,5 +286,5 @@ def test_changed_ip_reuses_role_layers(cluster_all, env):
             assert "address1=10.0.0.22/24" in v.text(
                 "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection")
             assert "NodeName=node02 NodeAddr=10.0.0.22" in v.text("/etc/slurm/slurm.conf")
-    # the first build's .img.xz no longer matches the new .img: it is gone, not left stale
-    assert not (out / "node02.img.xz").exists() and not (out / "node02.img.xz.sha256").exists()
+    # the earlier build's .img.zst no longer matches the new .img: it is gone, not left stale
+    assert not (out / "node02.img.zst").exists() and not (out / "node02.img.zst.sha256").exists()

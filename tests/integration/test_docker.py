@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from phases import record
 from readback import fsck_partitions, open_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -146,6 +147,7 @@ def base_image(docker) -> str:
             f"exit {imp.returncode}\n{mm_err[-3000:]}{imp.stderr[-2000:]}"
         )
     print(f"base image {BASE_TAG}: made in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    record(f"docker: base image {BASE_TAG} (mmdebstrap | docker import)", time.monotonic() - t0)
     return BASE_TAG
 
 
@@ -166,18 +168,49 @@ def builder_image(docker, base_image) -> str:
         f"builder image {IMAGE_TAG}: docker build took {time.monotonic() - t0:.0f} s",
         file=sys.stderr,
     )
+    record(f"docker: docker build {IMAGE_TAG}", time.monotonic() - t0)
     return IMAGE_TAG
 
 
-def _host_mounts_and_loops() -> tuple[set[str], set[str]]:
-    # A stand-in being built at the same time (another session) mounts things of its own.
-    mounts = {
-        ln for ln in Path("/proc/mounts").read_text().splitlines() if "/standin/.build-" not in ln
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _leftover_state(docker: str, roots: tuple[str, ...]) -> dict[str, set[str]]:
+    """What a build in the container could leave on the host: loop devices, mounts under the
+    paths the build and the container use (the working directory, the cache, the temporary
+    directories, Docker's container storage), piimage's own temporary directories, and
+    containers of the builder image. Nothing else of the host's state is compared: a dockerd
+    that has just been installed adds mounts of its own (`/run/docker/netns/default` the first
+    time a container uses the host network), and so may anything else on the host."""
+    container_roots = roots + ("/var/lib/docker/containers", "/var/lib/docker/overlay2")
+    mounts = set()
+    for ln in Path("/proc/mounts").read_text().splitlines():
+        fields = ln.split()
+        if len(fields) >= 2 and _under(fields[1].replace("\\040", " "), container_roots):
+            # ... but a container's own overlay stays only while the container exists; it is
+            # counted below by the containers themselves
+            if "/var/lib/docker/overlay2/" in fields[1] and fields[0] == "overlay":
+                continue
+            mounts.add(ln)
+    loops = {
+        ln
+        for ln in subprocess.run(
+            ["losetup", "-a"], check=False, capture_output=True, text=True
+        ).stdout.splitlines()
+        # a stand-in being built at the same time (another session) is not ours
+        if "/standin/.build-" not in ln
     }
-    loops = subprocess.run(
-        ["losetup", "-a"], check=False, capture_output=True, text=True
-    ).stdout.splitlines()
-    return mounts, set(loops)
+    tmp = {str(p) for d in ("/tmp", "/var/tmp") for p in Path(d).glob("piimage-*")}
+    containers = set(
+        subprocess.run(
+            [docker, "ps", "-a", "-q", "--filter", f"ancestor={IMAGE_TAG}"],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+    )
+    return {"loops": loops, "mounts": mounts, "tmp": tmp, "containers": containers}
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +254,8 @@ def docker_build(docker, builder_image, standin_bookworm, tmp_path_factory):
         PIIMAGE_DOCKER_NETWORK="host",
         PIIMAGE_OS_LIST_URL=standin_bookworm.os_list_url,
     )
-    before = _host_mounts_and_loops()
+    roots = (str(cwd), str(DOCKER_CACHE), str(home))
+    before = _leftover_state(docker, roots)
     t0 = time.monotonic()
     # README's command; bookworm is "Legacy" in the stand-in's os_list (as in
     # test_build.test_bookworm_node), and no compression saves a minute
@@ -238,7 +272,8 @@ def docker_build(docker, builder_image, standin_bookworm, tmp_path_factory):
         timeout=3600,
     )
     print(f"piimage-docker build: {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    after = _host_mounts_and_loops()
+    record("docker: scripts/piimage-docker build (in the container)", time.monotonic() - t0)
+    after = _leftover_state(docker, roots)
     if proc.returncode != 0:
         pytest.fail(
             f"scripts/piimage-docker build exited {proc.returncode}:\n{proc.stderr[-5000:]}"
@@ -279,9 +314,11 @@ def test_outputs_and_ownership(docker_build):
 
 
 def test_no_leftovers_on_the_host(docker_build):
-    cwd, _, _, (mounts_before, loops_before), (mounts_after, loops_after) = docker_build
-    assert loops_after - loops_before == set(), "loop devices left attached"
-    assert mounts_after - mounts_before == set(), "mounts left on the host"
+    cwd, _, _, before, after = docker_build
+    assert after["loops"] - before["loops"] == set(), "loop devices left attached"
+    assert after["mounts"] - before["mounts"] == set(), "mounts left under the build's paths"
+    assert after["tmp"] - before["tmp"] == set(), "piimage temporary directories left behind"
+    assert after["containers"] - before["containers"] == set(), "builder containers left behind"
     # nothing half-written: in the working directory, the out/ folder, the layer cache
     assert sorted(p.name for p in cwd.iterdir()) == [".piimage", "cluster.yaml", "out"]
     assert sorted(p.name for p in (cwd / "out").iterdir()) == ["dockercluster"]

@@ -92,3 +92,30 @@ def test_init(runner, tmp_path, monkeypatch):
     assert r.exit_code == 0 and (tmp_path / "c" / "cluster.yaml").exists()
     r = runner.invoke(main, ["init", "--dir", str(tmp_path / "c")])
     assert r.exit_code == 2 and "not overwriting" in r.output
+
+
+@pytest.mark.parametrize(("args", "want"), [
+    (["--all"], "xz"),
+    (["--all", "--compress", "none"], "none"),
+    (["--role", "compute", "--hostname", "node02"], "none"),
+    (["--hostname", "node02", "--compress", "zstd"], "zstd"),
+])
+def test_compression_defaults_to_xz_for_all(runner, tmp_path, monkeypatch, args, want):
+    """--all writes an .img.xz beside each .img unless told otherwise; one node is not
+    compressed by default. (The integration tests compress only the image they check.)"""
+    import piimage.build as buildmod
+
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    def fake_plan(cluster, nodes, **kw):
+        seen.update(kw, nodes=[n.hostname for n in nodes])
+        raise Planned
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(buildmod, "plan", fake_plan)
+    r = runner.invoke(main, ["build", *args])
+    assert isinstance(r.exception, Planned), r.output
+    assert seen["compress"] == want

@@ -26,7 +26,10 @@ from piimage.rehearse import (
     Rehearsal,
     Report,
     _idle_nodes,
+    _console_trouble,
+    _failed_units_text,
     _overlay_tar,
+    _unmunge_error,
     vm_memory_mb,
 )
 
@@ -123,19 +126,43 @@ def test_agent_call_round_trip_and_timeout(tmp_path):
     agent.close()
 
 
-def test_overlay_adds_only_the_agent():
+def test_overlay_adds_only_the_agent_and_emulation_timeouts():
     import io
     import tarfile
 
     with tarfile.open(fileobj=io.BytesIO(_overlay_tar())) as tar:
         members = {m.name: m for m in tar.getmembers()}
+        timeouts = tar.extractfile("etc/systemd/system.conf.d/90-piimage-rehearsal-timeouts.conf").read().decode()
+        unit = tar.extractfile("etc/systemd/system/piimage-rehearsal-agent.service").read().decode()
     assert set(members) == {
         "usr/local/sbin/piimage-rehearsal-agent",
         "etc/systemd/system/piimage-rehearsal-agent.service",
         "etc/systemd/system/sysinit.target.wants/piimage-rehearsal-agent.service",
+        "etc/systemd/system.conf.d/90-piimage-rehearsal-timeouts.conf",
     }
     assert members["usr/local/sbin/piimage-rehearsal-agent"].mode == 0o755
     assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+    # systemd's 90 s device and start waits, raised for emulation only
+    assert "[Manager]" in timeouts
+    assert "DefaultDeviceTimeoutSec=600s" in timeouts and "DefaultTimeoutStartSec=600s" in timeouts
+    # the agent keeps answering in emergency mode, to say why a node is there
+    assert "IgnoreOnIsolate=yes" in unit
+
+
+def test_failed_boot_is_described_from_units_and_console(tmp_path):
+    console = tmp_path / "node01.console.log"
+    console.write_text("[  OK  ] Started foo\n"
+                       "[ TIME ] Timed out waiting for device dev-disk-by\\x2dpartuuid-1234\\x2d01.device\n"
+                       "[DEPEND] Dependency failed for boot-firmware.mount - /boot/firmware.\n"
+                       "You are in emergency mode. After logging in, type \"journalctl -xb\"\n"
+                       "[  OK  ] Reached target bar\n")
+    text = _console_trouble(console)
+    assert "Timed out waiting for device" in text and "Dependency failed for boot-firmware.mount" in text
+    assert "emergency mode" in text and "Started foo" not in text
+    assert _failed_units_text({"failed": "boot-firmware.mount local-fs.target "}) == \
+        "failed units: boot-firmware.mount, local-fs.target"
+    assert _unmunge_error("unmunge: Error: Invalid credential\n") == "Invalid credential"
+    assert _unmunge_error("STATUS:          Expired credential (15)\n") == "Expired credential (15)"
 
 
 def test_memory_and_sinfo_parsing():

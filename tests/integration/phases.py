@@ -1,0 +1,51 @@
+"""Wall time of the suite's expensive phases, printed at the end of a run (see conftest.py's
+`pytest_terminal_summary`), so every change shows what it costs: stand-in images, role layers,
+rehearsals, the Docker builder. CI stops at 90 minutes and the budget is 45 (HACKING.md)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_lock = threading.Lock()
+PHASES: list[tuple[str, float]] = []
+STARTED = time.monotonic()
+
+
+def record(name: str, seconds: float) -> None:
+    with _lock:
+        PHASES.append((name, seconds))
+
+
+@contextmanager
+def timed(name: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        record(name, time.monotonic() - t0)
+
+
+_LAYER_BUILT = re.compile(r"role layer (\S+): built in (\d+) s")
+
+
+def record_piimage(args: list[str], stderr: str, seconds: float) -> None:
+    """A piimage run of a test: the role layers it built (from its log), and the run itself
+    when it is one of the expensive commands."""
+    what = " ".join(args)
+    for m in _LAYER_BUILT.finditer(stderr):
+        record(f"role layer {m.group(1)} (in: piimage {what})", float(m.group(2)))
+    if args and args[0] in ("build", "rehearse"):
+        record(f"piimage {what}", seconds)
+
+
+def summary() -> list[str]:
+    """Lines for the end of the run, longest first, with the session's wall time."""
+    with _lock:
+        rows = sorted(PHASES, key=lambda r: -r[1])
+    lines = [f"{secs:8.0f} s  {name}" for name, secs in rows]
+    lines.append(f"{time.monotonic() - STARTED:8.0f} s  wall time of the pytest session")
+    return lines
