@@ -93,6 +93,13 @@ SYSTEMD_TIMEOUTS = f"""# Added by `piimage rehearse` to a throw-away overlay onl
 DefaultTimeoutStartSec={EMULATION_TIMEOUT_S}s
 DefaultDeviceTimeoutSec={EMULATION_TIMEOUT_S}s
 """
+# NetworkManager-wait-online gives NetworkManager 60 s (NM_ONLINE_TIMEOUT in its unit) to finish
+# starting; failing it leaves the node degraded.
+NM_WAIT_PATH = "/etc/systemd/system/NetworkManager-wait-online.service.d/90-piimage-rehearsal.conf"
+NM_WAIT = f"""# Added by `piimage rehearse` to a throw-away overlay only (emulation is slow; a Pi is not).
+[Service]
+Environment=NM_ONLINE_TIMEOUT={EMULATION_TIMEOUT_S}
+"""
 
 # Console lines that explain a boot gone wrong (emergency mode, failed or timed-out units).
 _CONSOLE_TROUBLE = re.compile(
@@ -337,7 +344,8 @@ def _host_available_mb() -> int:
 
 def _overlay_tar() -> bytes:
     """What only the rehearsal adds: the agent, its unit, the link that enables it, and
-    systemd's start and device timeouts raised for emulation (EMULATION_TIMEOUT_S)."""
+    systemd's start and device timeouts and NetworkManager's wait raised for emulation
+    (EMULATION_TIMEOUT_S)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         def add(path: str, data: bytes | None, mode: int, link: str | None = None) -> None:
@@ -358,6 +366,7 @@ def _overlay_tar() -> bytes:
         add(f"/etc/systemd/system/sysinit.target.wants/{AGENT_UNIT}", None, 0o777,
             link=f"/etc/systemd/system/{AGENT_UNIT}")
         add(SYSTEMD_TIMEOUTS_PATH, SYSTEMD_TIMEOUTS.encode(), 0o644)
+        add(NM_WAIT_PATH, NM_WAIT.encode(), 0o644)
     return buf.getvalue()
 
 

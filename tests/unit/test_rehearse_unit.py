@@ -139,6 +139,7 @@ def test_overlay_adds_only_the_agent_and_emulation_timeouts():
         "etc/systemd/system/piimage-rehearsal-agent.service",
         "etc/systemd/system/sysinit.target.wants/piimage-rehearsal-agent.service",
         "etc/systemd/system.conf.d/90-piimage-rehearsal-timeouts.conf",
+        "etc/systemd/system/NetworkManager-wait-online.service.d/90-piimage-rehearsal.conf",
     }
     assert members["usr/local/sbin/piimage-rehearsal-agent"].mode == 0o755
     assert all(m.uid == 0 and m.gid == 0 for m in members.values())
