@@ -41,8 +41,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import UserError
 from . import render
+from .accounts import home_dir
+from .errors import UserError
 from .suggest import unknown
 
 STAGE_KEYS = {"scope", "roles", "packages", "files", "links", "remove", "enable", "disable", "mask", "description",
@@ -380,7 +381,7 @@ def plan_node(
             uid_text = render.render_string(env, u.uid, context, where)
             if not uid_text.isdigit():
                 raise UserError(f"{where}: uid {uid_text!r} is not a number")
-            home = render.render_string(env, u.home, context, where) if u.home else f"/home/{name}"
+            home = render.render_string(env, u.home, context, where) if u.home else home_dir(name)
             users[name] = RenderedUser(name, int(uid_text), home, u.shell, u.groups)
         for i, a in enumerate(st.append):
             where = f"{st.name}/stage.yaml: append[{i}]"

@@ -23,11 +23,12 @@ nodes:
 def plan_for(tmp_path, runs_jobs: bool):
     (tmp_path / "cluster.yaml").write_text(YAML % ("true" if runs_jobs else "false"))
     cluster = inv.load(tmp_path / "cluster.yaml")
-    return build.plan(cluster, cluster.nodes, out_dir=tmp_path / "out")
+    keys = build.preflight(cluster)
+    return build.plan(cluster, cluster.nodes, keys=keys, out_dir=tmp_path / "out")
 
 
 def files(bp, host):
-    return {f.path: f for f in next(p for p in bp.nodes if p.hostname == host).files}
+    return {f.path: f for f in next(p for p in bp.nodes if p.hostname == host).stamp.files}
 
 
 def test_cluster_files_identical_and_per_node(tmp_path):
