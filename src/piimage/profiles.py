@@ -38,7 +38,7 @@ class RoleFacts:
     mpi: bool = False  # Open MPI: gets the default hostfile
 
     @classmethod
-    def of(cls, packages: tuple[str, ...] | list[str]) -> "RoleFacts":
+    def of(cls, packages: tuple[str, ...] | list[str]) -> RoleFacts:
         p = set(packages)
         return cls(
             slurmctld="slurmctld" in p,

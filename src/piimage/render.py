@@ -6,8 +6,9 @@ nodes, head, compute_nodes, role, …) — built here only, from the model's own
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 

@@ -17,7 +17,8 @@ stage.yaml:
         mode: "0644"
         owner: root                # user/group names, resolved in the image's /etc/passwd
         group: root
-        when: "admin.ssh_authorized_keys"   # optional Jinja expression
+        when: "admin.ssh_authorized_keys"   # optional Jinja expression over render.node_context;
+                                            # role facts: node.nfs_client, node.slurmd … (profiles.RoleFacts)
     links:
       - {path: /etc/localtime, target: "/usr/share/zoneinfo/{{ cluster.timezone }}"}
     remove: [/etc/ssh/ssh_host_*]  # globs removed before files are written

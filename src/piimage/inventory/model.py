@@ -13,6 +13,7 @@ from ..accounts import home_dir
 from ..profiles import Profile, RoleFacts
 from .defaults import DEFAULT_CLUSTER_USER, DEFAULT_INTERFACE, DEFAULT_SHARED_PATH
 
+
 @dataclass(frozen=True)
 class Network:
     subnet: IPv4Network
