@@ -113,15 +113,12 @@ def _node_data(n: Node, cluster: Cluster) -> dict[str, Any]:
 
 def systemd_path_unit(path: str) -> str:
     """systemd-escape --path: /clusterfs -> clusterfs, /srv/my-data -> srv-my\\x2ddata."""
-    out = []
-    for part in (p for p in path.strip("/").split("/") if p):
-        out.append(
-            "".join(
-                c if (c.isalnum() or c in "_.:") and not (i == 0 and c == ".") else f"\\x{ord(c):02x}"
-                for i, c in enumerate(part)
-            )
-        )
-    return "-".join(out) or "-"
+    def esc(i: int, c: str) -> str:
+        plain = (c.isalnum() or c in "_.:") and not (i == 0 and c == ".")
+        return c if plain else f"\\x{ord(c):02x}"
+
+    parts = (p for p in path.strip("/").split("/") if p)
+    return "-".join("".join(esc(i, c) for i, c in enumerate(part)) for part in parts) or "-"
 
 
 def environment(search_path: list[Path] | None = None) -> jinja2.Environment:

@@ -20,7 +20,9 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH3903J3epy2OvY9kxA4Gr+Ix0/+xMkM+jxK1
 BASE = "0" * 64
 
 
-def cluster_yaml(computes: list[tuple[str, str]], *, head_jobs: bool = False, extra: str = "") -> str:
+def cluster_yaml(
+    computes: list[tuple[str, str]], *, head_jobs: bool = False, extra: str = ""
+) -> str:
     nodes = "".join(f"  - {{hostname: {h}, role: compute, ip: {ip}}}\n" for h, ip in computes)
     return (
         f"name: lab\nnetwork: {{subnet: 10.0.0.0/24, gateway: 10.0.0.1}}\n{extra}"
@@ -30,8 +32,10 @@ def cluster_yaml(computes: list[tuple[str, str]], *, head_jobs: bool = False, ex
 
 
 def fake_keys(cluster: inv.Cluster) -> build.ClusterKeys:
-    hosts = {n.hostname: KeyPair(f"private {n.hostname}".encode(), f"ssh-ed25519 HOST{n.hostname}")
-             for n in cluster.nodes}
+    hosts = {
+        n.hostname: KeyPair(f"private {n.hostname}".encode(), f"ssh-ed25519 HOST{n.hostname}")
+        for n in cluster.nodes
+    }
     return build.ClusterKeys(hosts, KeyPair(b"cluster private", "ssh-ed25519 CLUSTER"), b"m" * 1024)
 
 
@@ -67,8 +71,12 @@ def test_plan_needs_no_host_tool_and_writes_nothing(tmp_path, monkeypatch):
 def test_layer_key_ignores_addresses_hostnames_and_node_count(tmp_path):
     ref = plan(tmp_path / "ref", cluster_yaml(TWO))
     moved = plan(tmp_path / "ip", cluster_yaml([("node01", "10.0.0.51"), ("node02", "10.0.0.52")]))
-    renamed = plan(tmp_path / "name", cluster_yaml([("worker7", "10.0.0.11"), ("worker8", "10.0.0.12")]))
-    more = plan(tmp_path / "n", cluster_yaml([(f"node{i:02d}", f"10.0.0.{10 + i}") for i in range(1, 7)]))
+    renamed = plan(
+        tmp_path / "name", cluster_yaml([("worker7", "10.0.0.11"), ("worker8", "10.0.0.12")])
+    )
+    more = plan(
+        tmp_path / "n", cluster_yaml([(f"node{i:02d}", f"10.0.0.{10 + i}") for i in range(1, 7)])
+    )
     assert layer_key(ref, "node01") == layer_key(moved, "node01") == layer_key(renamed, "worker7")
     assert layer_key(ref, "node01") == layer_key(more, "node06") == layer_key(ref, "node02")
     assert layer_key(ref, "head") == layer_key(moved, "head") == layer_key(more, "head")
@@ -101,8 +109,11 @@ def test_layer_key_follows_packages_headroom_base_and_role_stage_files(tmp_path)
 
     one, two = with_stage("s1", "a=1\n"), with_stage("s2", "a=2\n")
     assert layer_key(one, "node01") not in (ref, layer_key(two, "node01"))
-    assert layer_key(one, "head") == layer_key(two, "head") == layer_key(
-        plan(tmp_path / "h", cluster_yaml(TWO)), "head")
+    assert (
+        layer_key(one, "head")
+        == layer_key(two, "head")
+        == layer_key(plan(tmp_path / "h", cluster_yaml(TWO)), "head")
+    )
 
 
 def test_a_head_that_runs_jobs_has_its_own_layer(tmp_path):
@@ -116,8 +127,9 @@ def test_a_head_that_runs_jobs_has_its_own_layer(tmp_path):
 def test_role_facts_of_the_shipped_roles(tmp_path):
     c = inv.load(None, cwd=tmp_path)
     head, node01 = c.node("head"), c.node("node01")
-    assert head.facts == RoleFacts(slurmctld=True, slurm=True, munge=True, nfs_server=True,
-                                   time_server=True, mpi=True)
+    assert head.facts == RoleFacts(
+        slurmctld=True, slurm=True, munge=True, nfs_server=True, time_server=True, mpi=True
+    )
     assert node01.facts == RoleFacts(slurmd=True, slurm=True, munge=True, nfs_client=True, mpi=True)
     assert c.head is head and c.job_nodes == c.nodes[1:]
     (tmp_path / "cluster.yaml").write_text(cluster_yaml(TWO, head_jobs=True))
@@ -139,41 +151,70 @@ def test_select_nodes_by_names(tmp_path):
     c = inv.load(None, cwd=tmp_path)
     got = inv.select_nodes(c, names=["node02", "head", "node02"])
     assert [n.hostname for n in got] == ["node02", "head"]
-    with pytest.raises(UserError, match=r"^--nodes: 'node07' is not a node of cluster picluster \(nodes: head, "):
+    with pytest.raises(
+        UserError, match=r"^--nodes: 'node07' is not a node of cluster picluster \(nodes: head, "
+    ):
         inv.select_nodes(c, names=["node01", "node07"])
 
 
 # --- render matrix: every shipped stage, every kind of node --------------------------------
 COMMON = {
-    "10-identity": {"/etc/hostname", "/etc/hosts", "/etc/machine-id", "/etc/ssh/ssh_host_ed25519_key",
-                    "/etc/ssh/ssh_host_ed25519_key.pub", "/etc/ssh/ssh_known_hosts",
-                    "->/var/lib/dbus/machine-id"},
-    "20-network": {"/etc/NetworkManager/system-connections/cluster-eth0.nmconnection",
-                   "/etc/cloud/cloud.cfg.d/99-piimage.cfg"},
-    "30-admin": {"/home/alice/.ssh/authorized_keys", "/etc/ssh/sshd_config.d/50-piimage.conf",
-                 "/etc/sudoers.d/010_piimage-admin"},
+    "10-identity": {
+        "/etc/hostname",
+        "/etc/hosts",
+        "/etc/machine-id",
+        "/etc/ssh/ssh_host_ed25519_key",
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+        "/etc/ssh/ssh_known_hosts",
+        "->/var/lib/dbus/machine-id",
+    },
+    "20-network": {
+        "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection",
+        "/etc/cloud/cloud.cfg.d/99-piimage.cfg",
+    },
+    "30-admin": {
+        "/home/alice/.ssh/authorized_keys",
+        "/etc/ssh/sshd_config.d/50-piimage.conf",
+        "/etc/sudoers.d/010_piimage-admin",
+    },
     "40-time": {"/etc/timezone", "->/etc/localtime"},
     "50-munge": {"/etc/munge/munge.key"},
     "55-slurm": {"/etc/slurm/slurm.conf", "/etc/slurm/cgroup.conf"},
-    "70-cluster-user": {"/home/mpiuser/.ssh/id_ed25519", "/home/mpiuser/.ssh/id_ed25519.pub",
-                        "/home/mpiuser/.ssh/authorized_keys", "/etc/ssh/ssh_config.d/50-piimage-cluster.conf"},
+    "70-cluster-user": {
+        "/home/mpiuser/.ssh/id_ed25519",
+        "/home/mpiuser/.ssh/id_ed25519.pub",
+        "/home/mpiuser/.ssh/authorized_keys",
+        "/etc/ssh/ssh_config.d/50-piimage-cluster.conf",
+    },
     "75-poe": set(),  # no file: lines appended to config.txt (checked below)
 }
 HEAD = {
     "60-timesync": {"/etc/chrony/conf.d/piimage.conf"},
-    "65-shared": {"/etc/exports.d/piimage.exports", "/clusterfs/hostfile", "/etc/openmpi/openmpi-default-hostfile"},
+    "65-shared": {
+        "/etc/exports.d/piimage.exports",
+        "/clusterfs/hostfile",
+        "/etc/openmpi/openmpi-default-hostfile",
+    },
 }
 CLIENT = {
     "60-timesync": {"/etc/systemd/timesyncd.conf.d/piimage.conf"},
-    "65-shared": {"/etc/systemd/system/clusterfs.mount", "/etc/systemd/system/clusterfs.automount",
-                  "->/etc/systemd/system/remote-fs.target.wants/clusterfs.automount"},
+    "65-shared": {
+        "/etc/systemd/system/clusterfs.mount",
+        "/etc/systemd/system/clusterfs.automount",
+        "->/etc/systemd/system/remote-fs.target.wants/clusterfs.automount",
+    },
 }
 MPI = {"/etc/openmpi/openmpi-default-hostfile"}
 # kind: (hostname in the cluster, head runs jobs, stage -> paths, /clusterfs mode)
 KINDS = {
     "head": ("head", False, {**COMMON, **HEAD}, 0o777),
     "head-runs-jobs": ("head", True, {**COMMON, **HEAD}, 0o777),
-    "compute": ("node01", False, {**COMMON, **CLIENT, "65-shared": CLIENT["65-shared"] | MPI}, 0o755),
+    "compute": (
+        "node01",
+        False,
+        {**COMMON, **CLIENT, "65-shared": CLIENT["65-shared"] | MPI},
+        0o755,
+    ),
     # a role of the user's: SLURM client, munge and the NFS mount, but no Open MPI, no slurmd
     "custom": ("login1", False, {**COMMON, **CLIENT}, 0o755),
 }
@@ -185,9 +226,13 @@ def matrix(tmp_path_factory) -> dict[bool, build.BuildPlan]:
     for jobs in (False, True):
         d = tmp_path_factory.mktemp(f"matrix-{jobs}")
         (d / "node-profiles").mkdir()
-        (d / "node-profiles" / "login.yaml").write_text("packages: [slurm-client, munge, nfs-common]\n")
-        extra = (f"admin: {{name: alice, ssh_authorized_keys: ['{KEY}']}}\n"
-                 "hardware: {poe_hat: rpi-poe}\n")
+        (d / "node-profiles" / "login.yaml").write_text(
+            "packages: [slurm-client, munge, nfs-common]\n"
+        )
+        extra = (
+            f"admin: {{name: alice, ssh_authorized_keys: ['{KEY}']}}\n"
+            "hardware: {poe_hat: rpi-poe}\n"
+        )
         text = cluster_yaml(TWO, head_jobs=jobs, extra=extra)
         out[jobs] = plan(d, text + "  - {hostname: login1, role: login, ip: 10.0.0.30}\n")
     return out
@@ -210,9 +255,14 @@ def test_render_matrix(matrix, kind):
     for link in pn.stamp.links:
         by_stage[link.stage].add("->" + link.path)
     assert by_stage == expected
-    assert {d.path: d.mode for d in pn.stamp.dirs} == {"/etc/munge": 0o700, "/clusterfs": share_mode}
+    assert {d.path: d.mode for d in pn.stamp.dirs} == {
+        "/etc/munge": 0o700,
+        "/clusterfs": share_mode,
+    }
     assert [u.name for u in pn.stamp.users] == ["mpiuser"]
-    assert [(a.path, a.lines[0]) for a in pn.stamp.append] == [("/boot/firmware/config.txt", "dtoverlay=rpi-poe")]
+    assert [(a.path, a.lines[0]) for a in pn.stamp.append] == [
+        ("/boot/firmware/config.txt", "dtoverlay=rpi-poe")
+    ]
 
     files = {f.path: f.data.decode(errors="replace") for f in pn.stamp.files}
     conf = files["/etc/slurm/slurm.conf"]
