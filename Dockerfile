@@ -30,16 +30,17 @@ ENV LIBGUESTFS_BACKEND=direct \
 
 # The venv from Debian's python3 with its site packages, so Debian's python3-guestfs imports.
 # A plain (non-editable) install, offline: every dependency is already there from Debian.
-# stages/ and node-profiles/ are found through PIIMAGE_DATA_DIR.
+# stages/ and node-profiles/ ship as package data (src/piimage/data/ links to them, so they
+# are copied in before the install); PIIMAGE_DATA_DIR points at the same copies.
 RUN /usr/bin/python3 -m venv --system-site-packages /opt/piimage/venv
 COPY pyproject.toml README.md /opt/piimage/
+COPY stages /opt/piimage/stages
+COPY node-profiles /opt/piimage/node-profiles
 COPY src /opt/piimage/src
 RUN /opt/piimage/venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check \
       --no-index --no-build-isolation /opt/piimage \
  && rm -rf /opt/piimage/build /opt/piimage/src/*.egg-info \
  && /opt/piimage/venv/bin/python -c 'import guestfs, piimage.cli'
-COPY stages /opt/piimage/stages
-COPY node-profiles /opt/piimage/node-profiles
 COPY scripts/docker-entrypoint /usr/local/bin/piimage-entrypoint
 
 ENV PATH=/opt/piimage/venv/bin:$PATH \

@@ -68,13 +68,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def _load_cluster(inventory: Path | None):
     """The inventory, validated against the roles that have a node profile (ours, and a
     node-profiles/ folder beside cluster.yaml)."""
-    from . import build as buildmod
     from . import inventory as inv
-    from .profiles import load_profiles
 
-    inv_path = inventory or (Path.cwd() / inv.DEFAULT_FILE)
-    dirs = [buildmod.data_dir() / "node-profiles", inv_path.resolve().parent / "node-profiles"]
-    return inv.load(inventory, known_roles=tuple(load_profiles(dirs)))
+    return inv.load(inventory)
 
 
 inventory_option = click.option(
@@ -113,7 +109,8 @@ def build(inventory, role, hostname, all_nodes, out_dir, base, compress, url_bas
     nodes = inv.select_nodes(cluster, hostname=hostname, role=role, all_nodes=all_nodes)
     if compress is None:
         compress = "xz" if all_nodes else "none"
-    bp = buildmod.plan(cluster, nodes, out_dir=out_dir, base=base, keep_workspace=keep_workspace,
+    keys = buildmod.preflight(cluster, compress=compress)
+    bp = buildmod.plan(cluster, nodes, keys=keys, out_dir=out_dir, base=base, keep_workspace=keep_workspace,
                        compress=compress, url_base=url_base)
     for path in buildmod.execute(bp):
         click.echo(str(path))
@@ -163,21 +160,12 @@ def rehearse(inventory, out_dir, nodes, timeout, as_json, verbose, quiet):
     _setup_logging(verbose, quiet)
     import json
 
+    from . import inventory as inv
     from . import rehearse as rh
-    from .errors import UserError
 
     cluster = _load_cluster(inventory)
-    if nodes:
-        chosen = []
-        for name in (x.strip() for x in nodes.split(",") if x.strip()):
-            try:
-                chosen.append(cluster.node(name))
-            except KeyError:
-                known = ", ".join(n.hostname for n in cluster.nodes)
-                raise UserError(f"--nodes: {name!r} is not a node of cluster {cluster.name} (nodes: {known})") from None
-        selected = tuple(dict.fromkeys(chosen))
-    else:
-        selected = cluster.nodes
+    names = [x.strip() for x in nodes.split(",") if x.strip()] if nodes else None
+    selected = inv.select_nodes(cluster, names=names, all_nodes=names is None)
     report = rh.rehearse(cluster, selected, out_dir=out_dir, timeout=timeout)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))

@@ -1,22 +1,59 @@
 """Roles: `node-profiles/<role>.yaml` — the packages a role installs, the services it
 enables or disables, the root filesystem headroom for its packages. A user adds a role by
-putting `<role>.yaml` in a `node-profiles/` folder beside their cluster.yaml."""
+putting `<role>.yaml` in a `node-profiles/` folder beside their cluster.yaml.
+
+Also what a role *does* (`RoleFacts`: SLURM controller, runs jobs, NFS server …), read from
+its packages here and nowhere else; the inventory's rules, the stages' `when:` expressions,
+the build and the rehearsal ask the facts, never the package list."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from .errors import UserError
+from .settings import data_dir
 from .stages import _unknown
 
-PROFILE_KEYS = {"description", "packages", "services", "headroom_mb", "stages"}
+PROFILE_KEYS = {"description", "packages", "services", "headroom_mb"}
 SERVICE_KEYS = {"enable", "disable"}
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(?:[:=][A-Za-z0-9.+~:-]+)?$")
 ROLE_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class RoleFacts:
+    """What a node does in the cluster, from the packages of its (effective) profile."""
+
+    slurmctld: bool = False  # the SLURM controller: the head
+    slurmd: bool = False  # runs jobs (a NodeName line in slurm.conf)
+    slurm: bool = False  # any part of SLURM: gets slurm.conf and cgroup.conf
+    munge: bool = False  # gets the cluster's munge key
+    nfs_server: bool = False  # exports the shared directory
+    nfs_client: bool = False  # mounts the head's shared directory
+    time_server: bool = False  # serves time to the cluster (chrony)
+    mpi: bool = False  # Open MPI: gets the default hostfile
+
+    @classmethod
+    def of(cls, packages: tuple[str, ...] | list[str]) -> RoleFacts:
+        p = set(packages)
+        return cls(
+            slurmctld="slurmctld" in p,
+            slurmd="slurmd" in p,
+            slurm=bool(p & {"slurmctld", "slurmd", "slurm-client"}),
+            munge="munge" in p,
+            nfs_server="nfs-kernel-server" in p,
+            # nfs-kernel-server pulls nfs-common in: a server is not also a client
+            nfs_client="nfs-common" in p and "nfs-kernel-server" not in p,
+            time_server="chrony" in p,
+            mpi="openmpi-bin" in p,
+        )
+
+    def as_dict(self) -> dict[str, bool]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -28,6 +65,23 @@ class Profile:
     enable: tuple[str, ...]
     disable: tuple[str, ...]
     headroom_mb: int
+
+    @property
+    def facts(self) -> RoleFacts:
+        return RoleFacts.of(self.packages)
+
+
+def effective(profile: Profile, runs_jobs: bool) -> Profile:
+    """The profile a node is built with: a node that runs jobs (a head with runs_jobs: true)
+    also gets slurmd and its service when its role's profile has none."""
+    if not runs_jobs or profile.facts.slurmd:
+        return profile
+    return replace(
+        profile,
+        packages=(*profile.packages, "slurmd"),
+        enable=tuple(dict.fromkeys([*profile.enable, "slurmd.service"])),
+        disable=tuple(u for u in profile.disable if u != "slurmd.service"),
+    )
 
 
 def load_profile(path: Path) -> Profile:
@@ -41,7 +95,13 @@ def load_profile(path: Path) -> Profile:
         raise UserError(f"{path}: expected a mapping at the top level")
     if not ROLE_RE.match(role):
         problems.append(f"{path}: role name '{role}' must be lower-case letters, digits and '-'")
-    _unknown(doc, PROFILE_KEYS, str(path), problems)
+    if "stages" in doc:
+        # a stage says which roles it serves (`roles:` in its stage.yaml); one way, not two
+        problems.append(
+            f"{path}: stages: not supported in a node profile; list the role under `roles:` in "
+            "the stage's stage.yaml instead"
+        )
+    _unknown({k: v for k, v in doc.items() if k != "stages"}, PROFILE_KEYS, str(path), problems)
     packages = doc.get("packages") or []
     if not isinstance(packages, list):
         problems.append(f"{path}: packages: expected a list")
@@ -69,6 +129,14 @@ def load_profile(path: Path) -> Profile:
         disable=tuple(str(s) for s in services.get("disable") or ()),
         headroom_mb=headroom,
     )
+
+
+def profile_dirs(inventory_dir: Path | None) -> list[Path]:
+    """Ours, then a `node-profiles/` folder beside the user's cluster.yaml (their own roles)."""
+    dirs = [data_dir() / "node-profiles"]
+    if inventory_dir is not None:
+        dirs.append(inventory_dir / "node-profiles")
+    return dirs
 
 
 def load_profiles(dirs: list[Path]) -> dict[str, Profile]:

@@ -481,12 +481,9 @@ class Rehearsal:
         return st.failed is None
 
     def _units(self, st: NodeState) -> list[str]:
-        units = ["munge"]
-        if st.node is self.head:
-            units += ["slurmctld", "nfs-server"]
-        if st.node.runs_jobs:
-            units.append("slurmd")
-        return units
+        f = st.node.facts  # the node's role facts (profiles.RoleFacts)
+        units = [("munge", f.munge), ("slurmctld", f.slurmctld), ("nfs-server", f.nfs_server), ("slurmd", f.slurmd)]
+        return [u for u, on in units if on]
 
     def _probe(self, st: NodeState) -> dict[str, str]:
         shared = shlex.quote(self.cluster.shared.path)

@@ -1,14 +1,124 @@
 """The Jinja2 environment: StrictUndefined, so a missing template variable is an error,
-and the plain frozen context every template sees (cluster, network, node, nodes, role, …)."""
+and the plain context every template and `when:` expression sees (cluster, network, node,
+nodes, head, compute_nodes, role, …) — built here only, from the model's own properties
+(`cluster.head`, `cluster.job_nodes`, `admin.home`, `node.facts`)."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .inventory import Cluster, Hardware, Node
+
+PARTITION = "cluster"  # the SLURM partition every job node is in
+
+
+def cluster_context(cluster: Cluster) -> dict[str, Any]:
+    """What every node's templates share: plain data (str, int, bool, lists, dicts) and no
+    secrets — the admin's password hash is only `has_password`."""
+    net = cluster.network
+    nodes = [_node_data(n, cluster) for n in cluster.nodes]
+    by_name = {n["hostname"]: n for n in nodes}
+    head = cluster.head
+    return {
+        "cluster": {"name": cluster.name, "timezone": cluster.timezone},
+        "network": {
+            "subnet": str(net.subnet),
+            "prefixlen": net.prefixlen,
+            "netmask": str(net.subnet.netmask),
+            "gateway": str(net.gateway),
+            "dns": [str(d) for d in net.dns],
+            "interface": net.interface,
+        },
+        "admin": {
+            "name": cluster.admin.name,
+            "home": cluster.admin.home,
+            "group": cluster.admin.name,
+            "ssh_authorized_keys": list(cluster.admin.ssh_authorized_keys),
+            "has_password": cluster.admin.password_hash is not None,
+        },
+        "hardware": _hardware_data(cluster.hardware),
+        "nodes": nodes,
+        "head": by_name[head.hostname] if head else None,
+        "compute_nodes": [by_name[n.hostname] for n in cluster.job_nodes],
+        "apt": {"mirror": cluster.apt.mirror, "proxy": cluster.apt.proxy},
+        "shared": {
+            "path": cluster.shared.path,
+            "device_uuid": cluster.shared.device_uuid,
+            "unit": systemd_path_unit(cluster.shared.path),
+        },
+        "cluster_user": {
+            "name": cluster.cluster_user.name,
+            "uid": cluster.cluster_user.uid,
+            "home": cluster.cluster_user.home,
+        },
+    }
+
+
+def node_context(
+    cluster: Cluster,
+    node: Node,
+    *,
+    packages: tuple[str, ...] | list[str],
+    disk_id: str,
+    host_keys: Mapping[str, str],
+    cluster_ssh_public: str,
+    shared: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One node's whole context: the cluster's (`shared`, if given, is `cluster_context`'s
+    result, so a build of many nodes makes it once), `node` with this node's role facts
+    (`node.slurmctld`, `node.nfs_client` …: what `when:` expressions ask), its packages,
+    and the public keys. Secret bytes are never in it; stages name them (`secret:`)."""
+    ctx = dict(shared if shared is not None else cluster_context(cluster))
+    this = dict(next(n for n in ctx["nodes"] if n["hostname"] == node.hostname))
+    this["nm_uuid"] = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{node.hostname}.{cluster.name}.piimage"))
+    this["disk_id"] = disk_id
+    this.update(node.facts.as_dict())
+    ctx.update(
+        node=this,
+        role=node.role,
+        packages=list(packages),
+        partition=PARTITION,
+        host_keys=dict(host_keys),
+        cluster_ssh_public=cluster_ssh_public,
+    )
+    return ctx
+
+
+def _hardware_data(h: Hardware) -> dict[str, Any]:
+    return {"model": h.model, "cpus": h.cpus, "memory_mb": h.memory_mb, "poe_hat": h.poe_hat}
+
+
+def _node_data(n: Node, cluster: Cluster) -> dict[str, Any]:
+    hw = _hardware_data(n.hardware)
+    return {
+        "hostname": n.hostname,
+        "role": n.role,
+        "ip": str(n.ip),
+        "cidr": f"{n.ip}/{cluster.network.prefixlen}",
+        "runs_jobs": n.runs_jobs,
+        "model": hw["model"],
+        "cpus": hw["cpus"],
+        "memory_mb": hw["memory_mb"],
+        "hardware": hw,
+    }
+
+
+def systemd_path_unit(path: str) -> str:
+    """systemd-escape --path: /clusterfs -> clusterfs, /srv/my-data -> srv-my\\x2ddata."""
+    def esc(i: int, c: str) -> str:
+        plain = (c.isalnum() or c in "_.:") and not (i == 0 and c == ".")
+        return c if plain else f"\\x{ord(c):02x}"
+
+    parts = (p for p in path.strip("/").split("/") if p)
+    return "-".join("".join(esc(i, c) for i, c in enumerate(part)) for part in parts) or "-"
 
 
 def environment(search_path: list[Path] | None = None) -> jinja2.Environment:

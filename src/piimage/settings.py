@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import UserError
+
 # Raspberry Pi Imager's list of images; the default source of the base image.
 DEFAULT_OS_LIST_URL = "https://downloads.raspberrypi.com/os_list_imagingutility_v4.json"
 DEFAULT_DOWNLOAD_HOST = "https://downloads.raspberrypi.com/"
@@ -56,3 +58,18 @@ DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
 def debian_mirror() -> str:
     """Debian's archive, for the rehearsal kernel ($PIIMAGE_DEBIAN_MIRROR for a local mirror)."""
     return os.environ.get("PIIMAGE_DEBIAN_MIRROR") or DEFAULT_DEBIAN_MIRROR
+
+
+def data_dir() -> Path:
+    """Where `stages/` and `node-profiles/` are: $PIIMAGE_DATA_DIR, else the package's own
+    data/ (symlinks to the checkout's top-level folders; copies in an installed piimage)."""
+    env = os.environ.get("PIIMAGE_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parent / "data")
+    for c in candidates:
+        if (c / "stages").is_dir() and (c / "node-profiles").is_dir():
+            return c
+    raise UserError(
+        "cannot find piimage's stages/ and node-profiles/",
+        hint="set PIIMAGE_DATA_DIR to a folder holding both (the piimage checkout)",
+    )

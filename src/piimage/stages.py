@@ -17,7 +17,8 @@ stage.yaml:
         mode: "0644"
         owner: root                # user/group names, resolved in the image's /etc/passwd
         group: root
-        when: "admin.ssh_authorized_keys"   # optional Jinja expression
+        when: "admin.ssh_authorized_keys"   # optional Jinja expression over render.node_context;
+                                            # role facts: node.nfs_client, node.slurmd … (profiles.RoleFacts)
     links:
       - {path: /etc/localtime, target: "/usr/share/zoneinfo/{{ cluster.timezone }}"}
     remove: [/etc/ssh/ssh_host_*]  # globs removed before files are written
@@ -41,8 +42,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import UserError
 from . import render
+from .accounts import home_dir
+from .errors import UserError
 from .suggest import unknown
 
 STAGE_KEYS = {"scope", "roles", "packages", "files", "links", "remove", "enable", "disable", "mask", "description",
@@ -380,7 +382,7 @@ def plan_node(
             uid_text = render.render_string(env, u.uid, context, where)
             if not uid_text.isdigit():
                 raise UserError(f"{where}: uid {uid_text!r} is not a number")
-            home = render.render_string(env, u.home, context, where) if u.home else f"/home/{name}"
+            home = render.render_string(env, u.home, context, where) if u.home else home_dir(name)
             users[name] = RenderedUser(name, int(uid_text), home, u.shell, u.groups)
         for i, a in enumerate(st.append):
             where = f"{st.name}/stage.yaml: append[{i}]"

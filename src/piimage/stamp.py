@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pathlib import Path
 
+from .accounts import home_dir
 from .errors import BuildError
 from .image import Disk, PasswdEntry, parse_group, parse_passwd
 from .log import log
@@ -60,7 +61,7 @@ def _rewrite_accounts(text: str, old: str, new: str, *, name_field: bool = True,
             if name_field and parts[0] == old:
                 parts[0] = new
                 if home_field is not None:
-                    parts[home_field] = f"/home/{new}"
+                    parts[home_field] = home_dir(new)
                 if hash_field is not None and password_hash:
                     parts[hash_field] = password_hash
             if members_field is not None and len(parts) > members_field and parts[members_field]:
@@ -131,8 +132,8 @@ class Accounts:
         for path in ACCOUNT_FILES:
             if path in self.texts:
                 self._set(path, _rewrite_accounts(self.texts[path], first.name, admin.name, **kw.get(path, {})))
-        if first.home != f"/home/{admin.name}":
-            self.home_moves.append((first.home, f"/home/{admin.name}"))
+        if first.home != home_dir(admin.name):
+            self.home_moves.append((first.home, home_dir(admin.name)))
 
     def ensure_user(self, user: RenderedUser, where: Path) -> None:
         """A local account with a fixed UID (= GID), as useradd would make it, so the same

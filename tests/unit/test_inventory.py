@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from piimage import inventory as inv
-from piimage import secrets
+from piimage import render, secrets
+from piimage.profiles import Profile, load_profiles, profile_dirs
 from piimage.errors import InventoryError, UserError
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH3903J3epy2OvY9kxA4Gr+Ix0/+xMkM+jxK162Gs/b2 me@laptop"
@@ -64,6 +65,10 @@ def logged(caplog, monkeypatch):
     return caplog
 
 
+def builtin_roles() -> dict[str, Profile]:
+    return load_profiles(profile_dirs(None))
+
+
 def load(tmp_path: Path, text: str, **kw) -> inv.Cluster:
     (tmp_path / F).write_text(text)
     return inv.load(Path(F), cwd=tmp_path, **kw)
@@ -106,7 +111,7 @@ def test_helpers(tmp_path):
     c = load(tmp_path, GOOD + "  - {hostname: node02, role: compute, ip: 10.0.0.12}\n")
     assert c.head.hostname == "head" and c.node("NODE01").hostname == "node01"
     assert [n.hostname for n in c.nodes_with_role("compute")] == ["node01", "node02"]
-    assert [n.hostname for n in c.compute_nodes] == ["node01", "node02"]
+    assert [n.hostname for n in c.job_nodes] == ["node01", "node02"]
     with pytest.raises(KeyError):
         c.node("node09")
 
@@ -144,10 +149,10 @@ stages: [extra]
     assert c.admin.password_hash == SHA512 and SHA512 not in repr(c)
 
 
-def test_to_context_is_plain_data_without_secrets(tmp_path):
+def test_cluster_context_is_plain_data_without_secrets(tmp_path):
     text = edit("    - " + KEY + "\n", f"    - {KEY}\n  password_hash: {YESCRYPT}\n")
     text = edit("role: head, ip: 10.0.0.10}", "role: head, ip: 10.0.0.10, runs_jobs: true}", text)
-    ctx = load(tmp_path, text).to_context()
+    ctx = render.cluster_context(load(tmp_path, text))
     assert set(ctx) == {
         "cluster",
         "network",
@@ -450,10 +455,10 @@ def test_roles_of_your_own(tmp_path):
     c = load(
         tmp_path,
         GOOD + "  - {hostname: gpu1, role: gpu, ip: 10.0.0.20, runs_jobs: true}\n",
-        known_roles=("head", "compute", "gpu"),
+        roles={**builtin_roles(), "gpu": Profile("gpu", Path("gpu.yaml"), "", (), (), (), 0)},
     )
     assert c.node("gpu1").role == "gpu" and c.node("gpu1").runs_jobs
-    assert not c.head.runs_jobs and [n.hostname for n in c.compute_nodes] == ["node01", "gpu1"]
+    assert not c.head.runs_jobs and [n.hostname for n in c.job_nodes] == ["node01", "gpu1"]
 
 
 def test_several_heads_each_reported(tmp_path):
@@ -610,7 +615,7 @@ def test_timezone_checked_against_the_zone_database(tmp_path, monkeypatch):
     zi = tmp_path / "zoneinfo"
     (zi / "Europe").mkdir(parents=True)
     (zi / "Europe" / "London").write_text("")
-    monkeypatch.setattr(inv, "ZONEINFO", zi)
+    monkeypatch.setattr(inv.rules, "ZONEINFO", zi)  # the rule that reads it
     assert (
         load(tmp_path, edit("name: lab", "name: lab\ntimezone: Europe/London")).timezone
         == "Europe/London"
@@ -618,7 +623,7 @@ def test_timezone_checked_against_the_zone_database(tmp_path, monkeypatch):
     assert problems(tmp_path, edit("name: lab", "name: lab\ntimezone: Europe/Londn")) == [
         f"cluster.yaml:2: timezone: unknown time zone 'Europe/Londn' (did you mean 'Europe/London'?); see {zi}"
     ]
-    monkeypatch.setattr(inv, "ZONEINFO", tmp_path / "none")  # no tz database here: the form only
+    monkeypatch.setattr(inv.rules, "ZONEINFO", tmp_path / "none")  # no tz database here: the form only
     assert (
         load(tmp_path, edit("name: lab", "name: lab\ntimezone: Europe/Londn")).timezone
         == "Europe/Londn"
