@@ -8,10 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from . import yamlloc
 from .errors import UserError
-from .stages import _unknown
 
 PROFILE_KEYS = {"description", "packages", "services", "headroom_mb", "stages"}
 SERVICE_KEYS = {"enable", "disable"}
@@ -32,34 +30,33 @@ class Profile:
 
 def load_profile(path: Path) -> Profile:
     role = path.stem
-    problems: list[str] = []
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: malformed YAML: {e}") from None
-    if not isinstance(doc, dict):
+    where = str(path)
+    ck = yamlloc.Checker(where, yamlloc.read(path.read_text(), where))
+    if ck.doc.value is not None and not isinstance(ck.doc.value, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     if not ROLE_RE.match(role):
-        problems.append(f"{path}: role name '{role}' must be lower-case letters, digits and '-'")
-    _unknown(doc, PROFILE_KEYS, str(path), problems)
+        ck.add((), f"role name '{role}' must be lower-case letters, digits and '-'")
+    doc = ck.mapping(ck.doc.value, (), PROFILE_KEYS)
     packages = doc.get("packages") or []
     if not isinstance(packages, list):
-        problems.append(f"{path}: packages: expected a list")
+        ck.add(("packages",), "expected a list")
         packages = []
     for i, p in enumerate(packages):
         if not isinstance(p, str) or not PACKAGE_RE.match(p):
-            problems.append(f"{path}: packages[{i}]: {p!r} is not a Debian package name")
+            ck.add(("packages", i), f"{p!r} is not a Debian package name")
     services = doc.get("services") or {}
     if not isinstance(services, dict):
-        problems.append(f"{path}: services: expected a mapping with enable/disable")
+        ck.add(("services",), "expected a mapping with enable/disable")
         services = {}
-    _unknown(services, SERVICE_KEYS, f"{path}: services", problems)
+    ck.mapping(services, ("services",), SERVICE_KEYS)
     headroom = doc.get("headroom_mb", 1024)
     if not isinstance(headroom, int) or isinstance(headroom, bool) or headroom < 0:
-        problems.append(f"{path}: headroom_mb: expected a whole number of MiB ≥ 0, got {headroom!r}")
+        ck.add(("headroom_mb",), f"expected a whole number of MiB ≥ 0, got {headroom!r}")
         headroom = 0
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) in node profile {path.name}", detail="\n".join(problems))
+    if ck.problems:
+        problems = ck.problems
+        raise UserError(f"{len(problems)} problem(s) in node profile {path.name}",
+                        detail="\n".join(problems))
     return Profile(
         role=role,
         path=path,
