@@ -11,19 +11,17 @@ whatever happens: success, failure, Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from .errors import BuildError, CommandError, MissingToolError
+from . import disk
+from .errors import CommandError, MissingToolError
 from .log import log, progress
 from .run import require_tools, run
 
@@ -44,39 +42,6 @@ APT_FAILURES = re.compile(
     re.MULTILINE,
 )
 POLICY_RC_D = "#!/bin/sh\n# piimage: no service starts while packages are installed in the image\nexit 101\n"
-
-
-@dataclass(frozen=True)
-class Partition:
-    number: int
-    start: int  # bytes
-    size: int  # bytes
-    type: str
-
-
-def partitions(image: Path) -> list[Partition]:
-    """The partition table of an image file, from sfdisk (never hard-coded offsets)."""
-    out = run(["sfdisk", "-J", str(image)], what=f"reading the partition table of {image.name}").stdout
-    return parse_sfdisk_json(out)
-
-
-def parse_sfdisk_json(text: str) -> list[Partition]:
-    doc = json.loads(text[text.index("{"):])
-    table = doc["partitiontable"]
-    sector = int(table.get("sectorsize", 512))
-    parts = []
-    for i, p in enumerate(table.get("partitions", []), 1):
-        m = re.search(r"(\d+)$", p.get("node", ""))
-        parts.append(Partition(int(m.group(1)) if m else i, int(p["start"]) * sector, int(p["size"]) * sector,
-                               str(p.get("type", ""))))
-    return parts
-
-
-def root_partition(image: Path) -> Partition:
-    for p in partitions(image):
-        if p.number == 2:
-            return p
-    raise BuildError(f"{image}: no partition 2 (the root filesystem on Raspberry Pi OS)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,26 +116,8 @@ def ensure_binfmt() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loop devices and mounts
+# Mounts
 # ---------------------------------------------------------------------------------------------
-@contextmanager
-def loop_device(image: Path, part: Partition) -> Iterator[str]:
-    dev = run(["losetup", "--find", "--show", "--offset", str(part.start), "--sizelimit", str(part.size),
-               str(image)], what="losetup").stdout.strip()
-    try:
-        yield dev
-    finally:
-        _detach(dev)
-
-
-def _detach(dev: str) -> None:
-    for _ in range(10):
-        if run(["losetup", "-d", dev], check=False).returncode == 0:
-            return
-        time.sleep(0.5)
-    log.warning("could not detach %s", dev)
-
-
 def mounts_under(path: Path) -> list[str]:
     p = str(Path(path).resolve())
     out = []
@@ -181,64 +128,12 @@ def mounts_under(path: Path) -> list[str]:
     return out
 
 
-def loop_devices_for(image: Path) -> list[str]:
-    out = run(["losetup", "-j", str(Path(image).resolve())], check=False).stdout
-    return [ln.split(":", 1)[0] for ln in out.splitlines() if ln.strip()]
-
-
 def _umount(mp: str) -> None:
     if run(["umount", mp], check=False).returncode != 0:
         time.sleep(0.5)
         if run(["umount", mp], check=False).returncode != 0:
             log.warning("%s is busy; detaching it lazily", mp)
             run(["umount", "-l", mp], check=False)
-
-
-def grow_image(image: Path, extra_bytes: int) -> None:
-    """Grow the file, partition 2 to the end of the disk, and its ext4 filesystem."""
-    t0 = time.monotonic()
-    with open(image, "r+b") as f:
-        f.truncate(os.path.getsize(image) + extra_bytes)
-    r = run(["growpart", str(image), "2"], what="growpart", check=False)
-    if r.returncode not in (0, 1) or (r.returncode == 1 and "NOCHANGE" not in r.stdout):
-        raise CommandError("growpart of partition 2 failed", r.returncode, r.stdout[-2000:])
-    part = root_partition(image)
-    with loop_device(image, part) as dev:
-        r = run(["e2fsck", "-f", "-y", dev], what="e2fsck", check=False)
-        if r.returncode not in (0, 1):
-            raise CommandError("e2fsck of the root filesystem failed before resizing", r.returncode, r.stdout[-2000:])
-        run(["resize2fs", dev], what="resize2fs")
-    log.info("root filesystem grown by %d MiB in %.0f s", extra_bytes // (1 << 20), time.monotonic() - t0)
-
-
-def shrink_image(image: Path, free_bytes: int) -> None:
-    """Shrink the root filesystem to what it uses plus `free_bytes`, partition 2 and the file
-    with it: a smaller image is faster to checksum, compress and flash, and Raspberry Pi OS
-    grows the root to the whole card on first boot anyway."""
-    part = root_partition(image)
-    with loop_device(image, part) as dev:
-        r = run(["e2fsck", "-f", "-y", dev], what="e2fsck", check=False)
-        if r.returncode not in (0, 1):
-            raise CommandError("e2fsck of the root filesystem failed before shrinking", r.returncode, r.stdout[-2000:])
-        est = re.search(r"minimum size of the filesystem:\s*(\d+)", run(["resize2fs", "-P", dev], what="resize2fs -P").stdout)
-        head = run(["dumpe2fs", "-h", dev], what="dumpe2fs").stdout
-        fields = {k: re.search(rf"^{k}:\s*(\d+)", head, re.MULTILINE) for k in ("Block size", "Block count", "Free blocks")}
-        if not est or not all(fields.values()):
-            raise BuildError(f"{image}: cannot tell the root filesystem's minimum size")
-        bs = int(fields["Block size"].group(1))
-        used = (int(fields["Block count"].group(1)) - int(fields["Free blocks"].group(1))) * bs
-        align = 4 << 20
-        # resize2fs -P is conservative (metadata reserve): never ask for less than it allows
-        target = -(-max(int(est.group(1)) * bs, used + free_bytes) // align) * align
-        if target >= part.size:
-            return
-        run(["resize2fs", dev, f"{target // 1024}K"], what="resize2fs (shrink)")
-    sectors = target // 512
-    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", "2", str(image)], what="sfdisk (shrink partition 2)",
-        input=f"{part.start // 512},{sectors}\n".encode())
-    with open(image, "r+b") as f:
-        f.truncate(part.start + target)
-    log.info("root filesystem shrunk to %d MiB (%d MiB free)", target >> 20, free_bytes >> 20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,13 +167,12 @@ class Chroot:
         self._push(f"umount {target}", lambda t=str(target): _umount(t))
 
     def _setup(self) -> None:
-        part = root_partition(self.image)
+        part = disk.root_partition(self.image)
         self.root = Path(tempfile.mkdtemp(prefix="piimage-root-"))
         self._push("remove mount point", lambda r=self.root: r.rmdir() if not mounts_under(r) else None)
-        dev = run(["losetup", "--find", "--show", "--offset", str(part.start), "--sizelimit", str(part.size),
-                   str(self.image)], what="losetup").stdout.strip()
+        dev = disk.attach(self.image, part)
         self._dev = dev
-        self._push(f"detach {dev}", lambda d=dev: _detach(d))
+        self._push(f"detach {dev}", lambda d=dev: disk.detach(d))
         self._mount(["-t", "ext4", dev], self.root)
         r = self.root
         self._mount(["-t", "proc", "proc"], r / "proc")
@@ -436,9 +330,5 @@ class Chroot:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._teardown(ok=exc_type is None)
         if exc_type is None:
-            part = root_partition(self.image)
-            with loop_device(self.image, part) as dev:
-                r = run(["e2fsck", "-f", "-p", dev], what="e2fsck after the package step", check=False)
-                if r.returncode not in (0, 1):
-                    raise CommandError("the root filesystem is damaged after the package step", r.returncode,
-                                       r.stdout[-2000:])
+            with disk.loop_device(self.image, disk.root_partition(self.image)) as dev:
+                disk.fsck(dev, what="e2fsck of the root filesystem after the package step", repair="-p")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import emulate, settings
+from . import disk, emulate, settings
 from .fetch import BaseImage
 from .fsutil import atomic_path, write_atomic
 from .log import log
@@ -89,7 +89,7 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, a
         # A sparse copy: the base's holes stay holes.
         run(["cp", "--sparse=always", str(base.path), str(tmp)], what="copying the base image")
         if inputs.headroom_mb:
-            emulate.grow_image(tmp, inputs.headroom_mb * 1024 * 1024)
+            disk.grow_image(tmp, inputs.headroom_mb * 1024 * 1024)
         with emulate.Chroot(tmp, apt_cache=apt_cache, apt_proxy=apt_proxy, apt_mirror=apt_mirror) as ch:
             if inputs.packages:
                 ch.apt_install(list(inputs.packages))
@@ -100,7 +100,7 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, a
                         ch.run_script(st.script, what=f"{st.name}/run-chroot.sh")
         if inputs.headroom_mb:
             # the headroom was for apt; what is left of it is not flashed (first boot grows the root)
-            emulate.shrink_image(tmp, FREE_AFTER_PACKAGES)
+            disk.shrink_image(tmp, FREE_AFTER_PACKAGES)
     write_atomic(final.with_suffix(".json"), json.dumps(
         {"role": inputs.role, "key": inputs.key(), "packages": list(inputs.packages), "base_sha256": inputs.base_sha256,
          "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.monotonic() - t0, 1)},
@@ -124,10 +124,3 @@ def _copy_role_files(root: Path, st: Stage) -> None:
             shutil.copy2(p, dest)
             os.chown(dest, 0, 0)
 
-
-def prune(keep: set[Path]) -> None:
-    """Remove layers not in `keep` (not called automatically)."""
-    for p in layer_dir().glob("*.img"):
-        if p not in keep:
-            p.unlink()
-            p.with_suffix(".json").unlink(missing_ok=True)
