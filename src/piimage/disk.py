@@ -30,20 +30,27 @@ class Partition:
 
 def partitions(image: Path) -> list[Partition]:
     """The partition table of an image file, from sfdisk."""
-    out = run(["sfdisk", "-J", str(image)],
-              what=f"reading the partition table of {image.name}").stdout
+    out = run(
+        ["sfdisk", "-J", str(image)], what=f"reading the partition table of {image.name}"
+    ).stdout
     return parse_sfdisk_json(out)
 
 
 def parse_sfdisk_json(text: str) -> list[Partition]:
-    doc = json.loads(text[text.index("{"):])
+    doc = json.loads(text[text.index("{") :])
     table = doc["partitiontable"]
     sector = int(table.get("sectorsize", 512))
     parts = []
     for i, p in enumerate(table.get("partitions", []), 1):
         m = re.search(r"(\d+)$", p.get("node", ""))
-        parts.append(Partition(int(m.group(1)) if m else i, int(p["start"]) * sector,
-                               int(p["size"]) * sector, str(p.get("type", ""))))
+        parts.append(
+            Partition(
+                int(m.group(1)) if m else i,
+                int(p["start"]) * sector,
+                int(p["size"]) * sector,
+                str(p.get("type", "")),
+            )
+        )
     return parts
 
 
@@ -59,8 +66,19 @@ def root_partition(image: Path) -> Partition:
 # ---------------------------------------------------------------------------------------------
 def attach(image: Path, part: Partition) -> str:
     """A loop device on one partition of the image; `detach()` it."""
-    return run(["losetup", "--find", "--show", "--offset", str(part.start),
-                "--sizelimit", str(part.size), str(image)], what="losetup").stdout.strip()
+    return run(
+        [
+            "losetup",
+            "--find",
+            "--show",
+            "--offset",
+            str(part.start),
+            "--sizelimit",
+            str(part.size),
+            str(image),
+        ],
+        what="losetup",
+    ).stdout.strip()
 
 
 def detach(dev: str) -> None:
@@ -102,8 +120,9 @@ def grow_image(image: Path, extra_bytes: int) -> None:
     with loop_device(image, part) as dev:
         fsck(dev, what="e2fsck of the root filesystem before resizing")
         run(["resize2fs", dev], what="resize2fs")
-    log.info("root filesystem grown by %d MiB in %.0f s", extra_bytes // (1 << 20),
-             time.monotonic() - t0)
+    log.info(
+        "root filesystem grown by %d MiB in %.0f s", extra_bytes // (1 << 20), time.monotonic() - t0
+    )
 
 
 def shrink_image(image: Path, free_bytes: int) -> None:
@@ -113,11 +132,15 @@ def shrink_image(image: Path, free_bytes: int) -> None:
     part = root_partition(image)
     with loop_device(image, part) as dev:
         fsck(dev, what="e2fsck of the root filesystem before shrinking")
-        est = re.search(r"minimum size of the filesystem:\s*(\d+)",
-                        run(["resize2fs", "-P", dev], what="resize2fs -P").stdout)
+        est = re.search(
+            r"minimum size of the filesystem:\s*(\d+)",
+            run(["resize2fs", "-P", dev], what="resize2fs -P").stdout,
+        )
         head = run(["dumpe2fs", "-h", dev], what="dumpe2fs").stdout
-        fields = {k: re.search(rf"^{k}:\s*(\d+)", head, re.MULTILINE)
-                  for k in ("Block size", "Block count", "Free blocks")}
+        fields = {
+            k: re.search(rf"^{k}:\s*(\d+)", head, re.MULTILINE)
+            for k in ("Block size", "Block count", "Free blocks")
+        }
         if not est or not all(fields.values()):
             raise BuildError(f"{image}: cannot tell the root filesystem's minimum size")
         bs = int(fields["Block size"].group(1))
@@ -128,8 +151,11 @@ def shrink_image(image: Path, free_bytes: int) -> None:
             return
         run(["resize2fs", dev, f"{target // 1024}K"], what="resize2fs (shrink)")
     sectors = target // 512
-    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", "2", str(image)],
-        what="sfdisk (shrink partition 2)", input=f"{part.start // 512},{sectors}\n".encode())
+    run(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", "-N", "2", str(image)],
+        what="sfdisk (shrink partition 2)",
+        input=f"{part.start // 512},{sectors}\n".encode(),
+    )
     with open(image, "r+b") as f:
         f.truncate(part.start + target)
     log.info("root filesystem shrunk to %d MiB (%d MiB free)", target >> 20, free_bytes >> 20)

@@ -17,8 +17,8 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import disk
 from .errors import CommandError, MissingToolError
@@ -37,11 +37,14 @@ CHROOT_ENV = {
 }
 # apt prints these and still exits 0 (an unreachable source during `apt-get update`).
 APT_FAILURES = re.compile(
-    r"^(?:Err:\d+ |E: |W: Failed to fetch|W: Some index files failed)|Temporary failure resolving|Could not resolve"
+    r"^(?:Err:\d+ |E: |W: Failed to fetch|W: Some index files failed)"
+    r"|Temporary failure resolving|Could not resolve"
     r"|Unable to locate package|Connection failed|Could not connect",
     re.MULTILINE,
 )
-POLICY_RC_D = "#!/bin/sh\n# piimage: no service starts while packages are installed in the image\nexit 101\n"
+POLICY_RC_D = (
+    "#!/bin/sh\n# piimage: no service starts while packages are installed in the image\nexit 101\n"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,12 +68,18 @@ def _binfmt_entry() -> Path | None:
 def check_host() -> None:
     """Everything the package step needs, with what to do about what is missing."""
     if os.geteuid() != 0:
-        raise MissingToolError("installing packages into an image needs root (loop devices, mount, chroot)",
-                               hint="run piimage with sudo")
-    require_tools(["losetup", "mount", "umount", "chroot", "sfdisk", "e2fsck", "resize2fs", "growpart"])
+        raise MissingToolError(
+            "installing packages into an image needs root (loop devices, mount, chroot)",
+            hint="run piimage with sudo",
+        )
+    require_tools(
+        ["losetup", "mount", "umount", "chroot", "sfdisk", "e2fsck", "resize2fs", "growpart"]
+    )
     if not Path("/dev/loop-control").exists():
-        raise MissingToolError("no loop device support (/dev/loop-control is missing)",
-                               hint="load the loop module (modprobe loop); in Docker pass --device /dev/loop-control")
+        raise MissingToolError(
+            "no loop device support (/dev/loop-control is missing)",
+            hint="load the loop module (modprobe loop); in Docker pass --device /dev/loop-control",
+        )
     ensure_binfmt()
 
 
@@ -79,40 +88,73 @@ def ensure_binfmt() -> None:
     the F flag, so it works inside chroots and containers) where either is missing."""
     if not BINFMT_DIR.joinpath("status").exists():
         try:
-            run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], what="mounting binfmt_misc")
+            run(
+                ["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)],
+                what="mounting binfmt_misc",
+            )
         except CommandError as e:
-            raise MissingToolError("binfmt_misc is not mounted and cannot be mounted",
-                                   hint="mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc", ) from e
+            raise MissingToolError(
+                "binfmt_misc is not mounted and cannot be mounted",
+                hint="mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc",
+            ) from e
     entry = _binfmt_entry()
     if entry is None:
-        interp = next((p for p in ("/usr/libexec/qemu-binfmt/aarch64-binfmt-P", "/usr/bin/qemu-aarch64-static")
-                       if Path(p).exists()), None)
+        interp = next(
+            (
+                p
+                for p in (
+                    "/usr/libexec/qemu-binfmt/aarch64-binfmt-P",
+                    "/usr/bin/qemu-aarch64-static",
+                )
+                if Path(p).exists()
+            ),
+            None,
+        )
         if interp is None:
-            raise MissingToolError("qemu-aarch64 user emulation is missing",
-                                   hint="sudo apt-get install qemu-user-static binfmt-support")
+            raise MissingToolError(
+                "qemu-aarch64 user emulation is missing",
+                hint="sudo apt-get install qemu-user-static binfmt-support",
+            )
         if shutil.which("update-binfmts"):
-            run(["update-binfmts", "--enable", "qemu-aarch64"], what="registering qemu-aarch64", check=False)
+            run(
+                ["update-binfmts", "--enable", "qemu-aarch64"],
+                what="registering qemu-aarch64",
+                check=False,
+            )
         entry = _binfmt_entry()
         if entry is None:
             mask = "ffffffffffffff00fffffffffffffffffeffffff"
-            reg = (":qemu-aarch64:M::" + "".join(f"\\x{AARCH64_MAGIC[i:i+2]}" for i in range(0, 40, 2)) + ":"
-                   + "".join(f"\\x{mask[i:i+2]}" for i in range(0, 40, 2)) + f":{interp}:F")
+            reg = (
+                ":qemu-aarch64:M::"
+                + "".join(f"\\x{AARCH64_MAGIC[i : i + 2]}" for i in range(0, 40, 2))
+                + ":"
+                + "".join(f"\\x{mask[i : i + 2]}" for i in range(0, 40, 2))
+                + f":{interp}:F"
+            )
             try:
                 BINFMT_DIR.joinpath("register").write_text(reg)
             except OSError as e:
-                raise MissingToolError(f"cannot register qemu-aarch64 with binfmt_misc: {e.strerror}") from None
+                raise MissingToolError(
+                    f"cannot register qemu-aarch64 with binfmt_misc: {e.strerror}"
+                ) from None
             entry = _binfmt_entry()
     if entry is None:
-        raise MissingToolError("qemu-aarch64 is not registered with binfmt_misc",
-                               hint="sudo update-binfmts --enable qemu-aarch64")
+        raise MissingToolError(
+            "qemu-aarch64 is not registered with binfmt_misc",
+            hint="sudo update-binfmts --enable qemu-aarch64",
+        )
     text = entry.read_text()
     if not text.startswith("enabled"):
-        raise MissingToolError(f"the binfmt_misc entry {entry.name} is disabled", hint=f"echo 1 > {entry}")
+        raise MissingToolError(
+            f"the binfmt_misc entry {entry.name} is disabled", hint=f"echo 1 > {entry}"
+        )
     flags = re.search(r"^flags: *(\S*)", text, re.MULTILINE)
     if not flags or "F" not in flags.group(1):
         raise MissingToolError(
-            f"binfmt_misc entry {entry.name} lacks the F (fix binary) flag, so it cannot work inside a chroot",
-            hint="install qemu-user-static from Debian (it registers with F)")
+            f"binfmt_misc entry {entry.name} lacks the F (fix binary) flag, "
+            "so it cannot work inside a chroot",
+            hint="install qemu-user-static from Debian (it registers with F)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +182,14 @@ def _umount(mp: str) -> None:
 # The chroot
 # ---------------------------------------------------------------------------------------------
 class Chroot:
-    def __init__(self, image: Path, *, apt_cache: Path | None = None, apt_proxy: str | None = None,
-                 apt_mirror: str | None = None):
+    def __init__(
+        self,
+        image: Path,
+        *,
+        apt_cache: Path | None = None,
+        apt_proxy: str | None = None,
+        apt_mirror: str | None = None,
+    ):
         self.image = Path(image)
         self.apt_cache = apt_cache
         self.apt_proxy = apt_proxy
@@ -150,7 +198,7 @@ class Chroot:
         self._undo: list[tuple[str, Callable[[], None]]] = []
 
     # -- entering ------------------------------------------------------------------------------
-    def __enter__(self) -> "Chroot":
+    def __enter__(self) -> Chroot:
         try:
             self._setup()
         except BaseException:
@@ -169,7 +217,9 @@ class Chroot:
     def _setup(self) -> None:
         part = disk.root_partition(self.image)
         self.root = Path(tempfile.mkdtemp(prefix="piimage-root-"))
-        self._push("remove mount point", lambda r=self.root: r.rmdir() if not mounts_under(r) else None)
+        self._push(
+            "remove mount point", lambda r=self.root: r.rmdir() if not mounts_under(r) else None
+        )
         dev = disk.attach(self.image, part)
         self._dev = dev
         self._push(f"detach {dev}", lambda d=dev: disk.detach(d))
@@ -182,13 +232,15 @@ class Chroot:
         self._push("stop leftover processes", self._kill_leftovers)
         # policy-rc.d: keep an existing one aside and put it back afterwards
         self._replace_file(r / "usr/sbin/policy-rc.d", POLICY_RC_D.encode(), 0o755)
-        host_resolv = Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b""
+        host_resolv = (
+            Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b""
+        )
         self._replace_file(r / "etc/resolv.conf", host_resolv, 0o644)
         if self.apt_cache is not None:
             self.apt_cache.mkdir(parents=True, exist_ok=True)
             (self.apt_cache / "partial").mkdir(exist_ok=True)
             self._mount(["--bind", str(self.apt_cache)], r / "var/cache/apt/archives")
-        conf = "APT::Install-Recommends \"false\";\nAcquire::Retries \"3\";\nDpkg::Use-Pty \"false\";\n"
+        conf = 'APT::Install-Recommends "false";\nAcquire::Retries "3";\nDpkg::Use-Pty "false";\n'
         if self.apt_proxy:
             conf += f'Acquire::http::Proxy "{self.apt_proxy}";\n'
         self._replace_file(r / "etc/apt/apt.conf.d/99piimage-build", conf.encode(), 0o644)
@@ -216,7 +268,9 @@ class Chroot:
 
     def _use_mirror(self, mirror: str) -> None:
         mirror = mirror.rstrip("/")
-        files = [self.root / "etc/apt/sources.list"] + sorted((self.root / "etc/apt/sources.list.d").glob("*"))
+        files = [self.root / "etc/apt/sources.list"] + sorted(
+            (self.root / "etc/apt/sources.list.d").glob("*")
+        )
         for f in files:
             if not f.is_file():
                 continue
@@ -226,30 +280,57 @@ class Chroot:
                 self._replace_file(f, new.encode(), f.stat().st_mode & 0o7777)
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, argv: list[str], *, what: str, env: dict | None = None,
-            on_line: Callable[[str], None] | None = None):
+    def run(
+        self,
+        argv: list[str],
+        *,
+        what: str,
+        env: dict | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ):
         e = dict(CHROOT_ENV)
         e.update(env or {})
-        return run(["env", "-i", *(f"{k}={v}" for k, v in e.items()), "chroot", str(self.root), *argv],
-                   what=what, on_line=on_line)
+        return run(
+            ["env", "-i", *(f"{k}={v}" for k, v in e.items()), "chroot", str(self.root), *argv],
+            what=what,
+            on_line=on_line,
+        )
 
     def apt_install(self, packages: list[str]) -> None:
         t0 = time.monotonic()
         r = self.run(["apt-get", "update"], what="apt-get update")
         bad = [ln for ln in r.stdout.splitlines() if APT_FAILURES.search(ln)]
         if bad:
-            raise CommandError("apt-get update could not reach every package source", 0,
-                               "\n".join(r.stdout.splitlines()[-25:]),
-                               hint="check apt.mirror / apt.proxy in cluster.yaml and the network")
-        with progress(f"installing {len(packages)} packages under emulation", None, unit="steps") as p:
+            raise CommandError(
+                "apt-get update could not reach every package source",
+                0,
+                "\n".join(r.stdout.splitlines()[-25:]),
+                hint="check apt.mirror / apt.proxy in cluster.yaml and the network",
+            )
+        with progress(
+            f"installing {len(packages)} packages under emulation", None, unit="steps"
+        ) as p:
+
             def on_line(line: str) -> None:
                 if line.startswith(("Unpacking ", "Setting up ")):
                     p.update(1)
 
             try:
-                r = self.run(["apt-get", "install", "-y", "--no-install-recommends",
-                              "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
-                              *packages], what="apt-get install", on_line=on_line)
+                r = self.run(
+                    [
+                        "apt-get",
+                        "install",
+                        "-y",
+                        "--no-install-recommends",
+                        "-o",
+                        "Dpkg::Options::=--force-confdef",
+                        "-o",
+                        "Dpkg::Options::=--force-confold",
+                        *packages,
+                    ],
+                    what="apt-get install",
+                    on_line=on_line,
+                )
             except CommandError as e:
                 missing = re.findall(r"Unable to locate package (\S+)", e.detail or "")
                 if missing:
@@ -257,7 +338,9 @@ class Chroot:
                 raise
         bad = [ln for ln in r.stdout.splitlines() if ln.startswith("E: ")]
         if bad:
-            raise CommandError("apt-get install reported errors", 0, "\n".join(r.stdout.splitlines()[-25:]))
+            raise CommandError(
+                "apt-get install reported errors", 0, "\n".join(r.stdout.splitlines()[-25:])
+            )
         log.info("installed %s in %.0f s", " ".join(packages), time.monotonic() - t0)
 
     def run_script(self, script: Path, *, what: str) -> None:
@@ -331,4 +414,6 @@ class Chroot:
         self._teardown(ok=exc_type is None)
         if exc_type is None:
             with disk.loop_device(self.image, disk.root_partition(self.image)) as dev:
-                disk.fsck(dev, what="e2fsck of the root filesystem after the package step", repair="-p")
+                disk.fsck(
+                    dev, what="e2fsck of the root filesystem after the package step", repair="-p"
+                )

@@ -10,8 +10,8 @@ import signal
 import subprocess
 import threading
 from collections import deque
-from pathlib import Path
 from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
 from typing import IO
 
 from .errors import CommandError, MissingToolError
@@ -105,9 +105,9 @@ def run(
     stdout: IO[bytes] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a command, stdout and stderr merged; on an exit code not in `ok` raise CommandError
-    with the output's tail (`check=False`: never; the caller reads the returncode). `on_line` sees each line as it comes (for progress). With `stdout`, the
-    command's output goes to that file and only its stderr is read. Children are killed if
-    we are interrupted."""
+    with the output's tail (`check=False`: never; the caller reads the returncode). `on_line`
+    sees each line as it comes (for progress). With `stdout`, the command's output goes to that
+    file and only its stderr is read. Children are killed if we are interrupted."""
     argv = [str(c) for c in cmd]
     log.debug("$ %s", " ".join(argv))
     full_env = None
@@ -182,7 +182,8 @@ def spawn(cmd: Sequence[str | os.PathLike], *, what: str) -> subprocess.Popen:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
-        raise CommandError(f"{what}: cannot start {argv[0]}: {e.strerror}", returncode=-1, output_tail="") from None
+        raise CommandError(f"{what}: cannot start {argv[0]}: {e.strerror}", returncode=-1,
+                           output_tail="") from None
     with _live_lock:
         _live.add(proc)
     return proc

@@ -128,10 +128,21 @@ class NodePlan:
 class Renderer:
     """Renders one action's texts for one node; errors name the action (`file:line: key[i]`)."""
 
-    def __init__(self, env: jinja2.Environment, context: Mapping[str, Any],
-                 secrets: Mapping[str, bytes], stage: Stage, where: str):
+    def __init__(
+        self,
+        env: jinja2.Environment,
+        context: Mapping[str, Any],
+        secrets: Mapping[str, bytes],
+        stage: Stage,
+        where: str,
+    ):
         self.env, self.context, self.secrets, self.stage, self.where = (
-            env, context, secrets, stage, where)
+            env,
+            context,
+            secrets,
+            stage,
+            where,
+        )
 
     def value(self, v: Any) -> Any:
         if isinstance(v, str):
@@ -164,8 +175,11 @@ class Action:
 
     @classmethod
     def required(cls) -> list[str]:
-        return [f.name for f in cls.yaml_fields()
-                if f.default is MISSING and f.default_factory is MISSING]
+        return [
+            f.name
+            for f in cls.yaml_fields()
+            if f.default is MISSING and f.default_factory is MISSING
+        ]
 
     def check(self, stage_dir: Path, problem: Callable[[tuple, str], None]) -> None:
         """Checks that need more than one field or the stage's files (at load time)."""
@@ -325,8 +339,10 @@ ACTIONS: tuple[type[Action], ...] = (File, Link, Dir, User, Append, Remove, Enab
 ACTION_KEYS = {a.key for a in ACTIONS}
 STAGE_KEYS = {"scope", "roles", "packages", "description"} | ACTION_KEYS
 ROLE_SCOPE_KEYS = STAGE_KEYS - ACTION_KEYS
-ROLE_SCOPE_REFUSED = (f"role-scope stages take only {', '.join(sorted(ROLE_SCOPE_KEYS))}, "
-                      "run-chroot.sh and files/ (copied as they are); put it in a node-scope stage")
+ROLE_SCOPE_REFUSED = (
+    f"role-scope stages take only {', '.join(sorted(ROLE_SCOPE_KEYS))}, "
+    "run-chroot.sh and files/ (copied as they are); put it in a node-scope stage"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +369,7 @@ def _read_mode(ck: yamlloc.Checker, v: Any, p: tuple) -> int | None:
         return v
     if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3,4}", v):
         return int(v, 8)
-    ck.add(p, f"mode {v!r} is not an octal mode like \"0644\"")
+    ck.add(p, f'mode {v!r} is not an octal mode like "0644"')
     return None
 
 
@@ -379,8 +395,9 @@ def _read_texts(ck: yamlloc.Checker, v: Any, p: tuple) -> tuple[str, ...] | None
 READERS = {"text": _read_text, "texts": _read_texts, "mode": _read_mode}
 
 
-def _load_action(cls: type[Action], item: Any, path: tuple, ck: yamlloc.Checker, d: Path,
-                 label: str) -> Action | None:
+def _load_action(
+    cls: type[Action], item: Any, path: tuple, ck: yamlloc.Checker, d: Path, label: str
+) -> Action | None:
     if cls.scalar and not isinstance(item, (dict, list)):
         item = {cls.scalar: item}
         raw = ck.doc.raw.get(path)
@@ -500,5 +517,6 @@ def plan_node(
                 listed[action.key].append(out)
             else:
                 keyed[action.key][ident] = out
-    return NodePlan(hostname, role, **{
-        a.key: (*listed[a.key], *keyed[a.key].values()) for a in ACTIONS})
+    return NodePlan(
+        hostname, role, **{a.key: (*listed[a.key], *keyed[a.key].values()) for a in ACTIONS}
+    )

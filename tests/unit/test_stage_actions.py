@@ -119,8 +119,11 @@ def test_render_error_names_file_line_and_entry(tmp_path):
 
 
 def test_later_entry_replaces_earlier_by_path_names_are_deduplicated(tmp_path):
-    stage(tmp_path, "files:\n  - {path: /etc/x, template: t.j2}\n  - {path: /etc/x, source: t.j2}\n"
-                    "enable: [a.service, b.service, a.service]\nremove: [/x, /x]\n")
+    stage(
+        tmp_path,
+        "files:\n  - {path: /etc/x, template: t.j2}\n  - {path: /etc/x, source: t.j2}\n"
+        "enable: [a.service, b.service, a.service]\nremove: [/x, /x]\n",
+    )
     p = plan(tmp_path)
     assert [f.data for f in p.files] == [b"{{ node.hostname }}\n"]  # the copy, not the render
     assert p.enable == ("a.service", "b.service")
@@ -144,8 +147,10 @@ def test_not_a_list(tmp_path):
 
 def test_profile_problems_are_located(tmp_path):
     p = tmp_path / "compute.yaml"
-    p.write_text("packages:\n  - munge\n  - Not_A_Package\n"
-                 "services: {enable: [], disabel: []}\nheadroom_mb: -1\n")
+    p.write_text(
+        "packages:\n  - munge\n  - Not_A_Package\n"
+        "services: {enable: [], disabel: []}\nheadroom_mb: -1\n"
+    )
     with pytest.raises(UserError) as ei:
         load_profile(p)
     detail = ei.value.detail
