@@ -136,13 +136,11 @@ class Renderer:
         stage: Stage,
         where: str,
     ):
-        self.env, self.context, self.secrets, self.stage, self.where = (
-            env,
-            context,
-            secrets,
-            stage,
-            where,
-        )
+        self.env = env
+        self.context = context
+        self.secrets = secrets
+        self.stage = stage
+        self.where = where
 
     def value(self, v: Any) -> Any:
         if isinstance(v, str):
@@ -185,10 +183,11 @@ class Action:
         """Checks that need more than one field or the stage's files (at load time)."""
 
     def render(self, r: Renderer) -> Any:
-        values = {f.name: getattr(self, f.name) for f in self.yaml_fields() if f.name != "when"}
+        """The one render path: every field not marked static, then `make`."""
+        values = {}
         for f in self.yaml_fields():
-            if not f.metadata.get("static"):
-                values[f.name] = r.value(values[f.name])
+            v = getattr(self, f.name)
+            values[f.name] = v if f.metadata.get("static") else r.value(v)
         return self.make(values, r)
 
     def make(self, v: dict[str, Any], r: Renderer) -> Any:
