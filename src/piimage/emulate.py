@@ -11,19 +11,17 @@ whatever happens: success, failure, Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Iterator
 
-from .errors import BuildError, CommandError, MissingToolError
+from . import disk
+from .errors import CommandError, MissingToolError
 from .log import log, progress
 from .run import require_tools, run
 
@@ -39,44 +37,14 @@ CHROOT_ENV = {
 }
 # apt prints these and still exits 0 (an unreachable source during `apt-get update`).
 APT_FAILURES = re.compile(
-    r"^(?:Err:\d+ |E: |W: Failed to fetch|W: Some index files failed)|Temporary failure resolving|Could not resolve"
+    r"^(?:Err:\d+ |E: |W: Failed to fetch|W: Some index files failed)"
+    r"|Temporary failure resolving|Could not resolve"
     r"|Unable to locate package|Connection failed|Could not connect",
     re.MULTILINE,
 )
-POLICY_RC_D = "#!/bin/sh\n# piimage: no service starts while packages are installed in the image\nexit 101\n"
-
-
-@dataclass(frozen=True)
-class Partition:
-    number: int
-    start: int  # bytes
-    size: int  # bytes
-    type: str
-
-
-def partitions(image: Path) -> list[Partition]:
-    """The partition table of an image file, from sfdisk (never hard-coded offsets)."""
-    out = run(["sfdisk", "-J", str(image)], what=f"reading the partition table of {image.name}").stdout
-    return parse_sfdisk_json(out)
-
-
-def parse_sfdisk_json(text: str) -> list[Partition]:
-    doc = json.loads(text[text.index("{"):])
-    table = doc["partitiontable"]
-    sector = int(table.get("sectorsize", 512))
-    parts = []
-    for i, p in enumerate(table.get("partitions", []), 1):
-        m = re.search(r"(\d+)$", p.get("node", ""))
-        parts.append(Partition(int(m.group(1)) if m else i, int(p["start"]) * sector, int(p["size"]) * sector,
-                               str(p.get("type", ""))))
-    return parts
-
-
-def root_partition(image: Path) -> Partition:
-    for p in partitions(image):
-        if p.number == 2:
-            return p
-    raise BuildError(f"{image}: no partition 2 (the root filesystem on Raspberry Pi OS)")
+POLICY_RC_D = (
+    "#!/bin/sh\n# piimage: no service starts while packages are installed in the image\nexit 101\n"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,12 +68,18 @@ def _binfmt_entry() -> Path | None:
 def check_host() -> None:
     """Everything the package step needs, with what to do about what is missing."""
     if os.geteuid() != 0:
-        raise MissingToolError("installing packages into an image needs root (loop devices, mount, chroot)",
-                               hint="run piimage with sudo")
-    require_tools(["losetup", "mount", "umount", "chroot", "sfdisk", "e2fsck", "resize2fs", "growpart"])
+        raise MissingToolError(
+            "installing packages into an image needs root (loop devices, mount, chroot)",
+            hint="run piimage with sudo",
+        )
+    require_tools(
+        ["losetup", "mount", "umount", "chroot", "sfdisk", "e2fsck", "resize2fs", "growpart"]
+    )
     if not Path("/dev/loop-control").exists():
-        raise MissingToolError("no loop device support (/dev/loop-control is missing)",
-                               hint="load the loop module (modprobe loop); in Docker pass --device /dev/loop-control")
+        raise MissingToolError(
+            "no loop device support (/dev/loop-control is missing)",
+            hint="load the loop module (modprobe loop); in Docker pass --device /dev/loop-control",
+        )
     ensure_binfmt()
 
 
@@ -114,63 +88,78 @@ def ensure_binfmt() -> None:
     the F flag, so it works inside chroots and containers) where either is missing."""
     if not BINFMT_DIR.joinpath("status").exists():
         try:
-            run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], what="mounting binfmt_misc")
+            run(
+                ["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)],
+                what="mounting binfmt_misc",
+            )
         except CommandError as e:
-            raise MissingToolError("binfmt_misc is not mounted and cannot be mounted",
-                                   hint="mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc", ) from e
+            raise MissingToolError(
+                "binfmt_misc is not mounted and cannot be mounted",
+                hint="mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc",
+            ) from e
     entry = _binfmt_entry()
     if entry is None:
-        interp = next((p for p in ("/usr/libexec/qemu-binfmt/aarch64-binfmt-P", "/usr/bin/qemu-aarch64-static")
-                       if Path(p).exists()), None)
+        interp = next(
+            (
+                p
+                for p in (
+                    "/usr/libexec/qemu-binfmt/aarch64-binfmt-P",
+                    "/usr/bin/qemu-aarch64-static",
+                )
+                if Path(p).exists()
+            ),
+            None,
+        )
         if interp is None:
-            raise MissingToolError("qemu-aarch64 user emulation is missing",
-                                   hint="sudo apt-get install qemu-user-static binfmt-support")
+            raise MissingToolError(
+                "qemu-aarch64 user emulation is missing",
+                hint="sudo apt-get install qemu-user-static binfmt-support",
+            )
         if shutil.which("update-binfmts"):
-            run(["update-binfmts", "--enable", "qemu-aarch64"], what="registering qemu-aarch64", check=False)
+            run(
+                ["update-binfmts", "--enable", "qemu-aarch64"],
+                what="registering qemu-aarch64",
+                check=False,
+            )
         entry = _binfmt_entry()
         if entry is None:
             mask = "ffffffffffffff00fffffffffffffffffeffffff"
-            reg = (":qemu-aarch64:M::" + "".join(f"\\x{AARCH64_MAGIC[i:i+2]}" for i in range(0, 40, 2)) + ":"
-                   + "".join(f"\\x{mask[i:i+2]}" for i in range(0, 40, 2)) + f":{interp}:F")
+            reg = (
+                ":qemu-aarch64:M::"
+                + "".join(f"\\x{AARCH64_MAGIC[i : i + 2]}" for i in range(0, 40, 2))
+                + ":"
+                + "".join(f"\\x{mask[i : i + 2]}" for i in range(0, 40, 2))
+                + f":{interp}:F"
+            )
             try:
                 BINFMT_DIR.joinpath("register").write_text(reg)
             except OSError as e:
-                raise MissingToolError(f"cannot register qemu-aarch64 with binfmt_misc: {e.strerror}") from None
+                raise MissingToolError(
+                    f"cannot register qemu-aarch64 with binfmt_misc: {e.strerror}"
+                ) from None
             entry = _binfmt_entry()
     if entry is None:
-        raise MissingToolError("qemu-aarch64 is not registered with binfmt_misc",
-                               hint="sudo update-binfmts --enable qemu-aarch64")
+        raise MissingToolError(
+            "qemu-aarch64 is not registered with binfmt_misc",
+            hint="sudo update-binfmts --enable qemu-aarch64",
+        )
     text = entry.read_text()
     if not text.startswith("enabled"):
-        raise MissingToolError(f"the binfmt_misc entry {entry.name} is disabled", hint=f"echo 1 > {entry}")
+        raise MissingToolError(
+            f"the binfmt_misc entry {entry.name} is disabled", hint=f"echo 1 > {entry}"
+        )
     flags = re.search(r"^flags: *(\S*)", text, re.MULTILINE)
     if not flags or "F" not in flags.group(1):
         raise MissingToolError(
-            f"binfmt_misc entry {entry.name} lacks the F (fix binary) flag, so it cannot work inside a chroot",
-            hint="install qemu-user-static from Debian (it registers with F)")
+            f"binfmt_misc entry {entry.name} lacks the F (fix binary) flag, "
+            "so it cannot work inside a chroot",
+            hint="install qemu-user-static from Debian (it registers with F)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
-# Loop devices and mounts
+# Mounts
 # ---------------------------------------------------------------------------------------------
-@contextmanager
-def loop_device(image: Path, part: Partition) -> Iterator[str]:
-    dev = run(["losetup", "--find", "--show", "--offset", str(part.start), "--sizelimit", str(part.size),
-               str(image)], what="losetup").stdout.strip()
-    try:
-        yield dev
-    finally:
-        _detach(dev)
-
-
-def _detach(dev: str) -> None:
-    for _ in range(10):
-        if run(["losetup", "-d", dev], check=False).returncode == 0:
-            return
-        time.sleep(0.5)
-    log.warning("could not detach %s", dev)
-
-
 def mounts_under(path: Path) -> list[str]:
     p = str(Path(path).resolve())
     out = []
@@ -181,11 +170,6 @@ def mounts_under(path: Path) -> list[str]:
     return out
 
 
-def loop_devices_for(image: Path) -> list[str]:
-    out = run(["losetup", "-j", str(Path(image).resolve())], check=False).stdout
-    return [ln.split(":", 1)[0] for ln in out.splitlines() if ln.strip()]
-
-
 def _umount(mp: str) -> None:
     if run(["umount", mp], check=False).returncode != 0:
         time.sleep(0.5)
@@ -194,59 +178,18 @@ def _umount(mp: str) -> None:
             run(["umount", "-l", mp], check=False)
 
 
-def grow_image(image: Path, extra_bytes: int) -> None:
-    """Grow the file, partition 2 to the end of the disk, and its ext4 filesystem."""
-    t0 = time.monotonic()
-    with open(image, "r+b") as f:
-        f.truncate(os.path.getsize(image) + extra_bytes)
-    r = run(["growpart", str(image), "2"], what="growpart", check=False)
-    if r.returncode not in (0, 1) or (r.returncode == 1 and "NOCHANGE" not in r.stdout):
-        raise CommandError("growpart of partition 2 failed", r.returncode, r.stdout[-2000:])
-    part = root_partition(image)
-    with loop_device(image, part) as dev:
-        r = run(["e2fsck", "-f", "-y", dev], what="e2fsck", check=False)
-        if r.returncode not in (0, 1):
-            raise CommandError("e2fsck of the root filesystem failed before resizing", r.returncode, r.stdout[-2000:])
-        run(["resize2fs", dev], what="resize2fs")
-    log.info("root filesystem grown by %d MiB in %.0f s", extra_bytes // (1 << 20), time.monotonic() - t0)
-
-
-def shrink_image(image: Path, free_bytes: int) -> None:
-    """Shrink the root filesystem to what it uses plus `free_bytes`, partition 2 and the file
-    with it: a smaller image is faster to checksum, compress and flash, and Raspberry Pi OS
-    grows the root to the whole card on first boot anyway."""
-    part = root_partition(image)
-    with loop_device(image, part) as dev:
-        r = run(["e2fsck", "-f", "-y", dev], what="e2fsck", check=False)
-        if r.returncode not in (0, 1):
-            raise CommandError("e2fsck of the root filesystem failed before shrinking", r.returncode, r.stdout[-2000:])
-        est = re.search(r"minimum size of the filesystem:\s*(\d+)", run(["resize2fs", "-P", dev], what="resize2fs -P").stdout)
-        head = run(["dumpe2fs", "-h", dev], what="dumpe2fs").stdout
-        fields = {k: re.search(rf"^{k}:\s*(\d+)", head, re.MULTILINE) for k in ("Block size", "Block count", "Free blocks")}
-        if not est or not all(fields.values()):
-            raise BuildError(f"{image}: cannot tell the root filesystem's minimum size")
-        bs = int(fields["Block size"].group(1))
-        used = (int(fields["Block count"].group(1)) - int(fields["Free blocks"].group(1))) * bs
-        align = 4 << 20
-        # resize2fs -P is conservative (metadata reserve): never ask for less than it allows
-        target = -(-max(int(est.group(1)) * bs, used + free_bytes) // align) * align
-        if target >= part.size:
-            return
-        run(["resize2fs", dev, f"{target // 1024}K"], what="resize2fs (shrink)")
-    sectors = target // 512
-    run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", "2", str(image)], what="sfdisk (shrink partition 2)",
-        input=f"{part.start // 512},{sectors}\n".encode())
-    with open(image, "r+b") as f:
-        f.truncate(part.start + target)
-    log.info("root filesystem shrunk to %d MiB (%d MiB free)", target >> 20, free_bytes >> 20)
-
-
 # ---------------------------------------------------------------------------------------------
 # The chroot
 # ---------------------------------------------------------------------------------------------
 class Chroot:
-    def __init__(self, image: Path, *, apt_cache: Path | None = None, apt_proxy: str | None = None,
-                 apt_mirror: str | None = None):
+    def __init__(
+        self,
+        image: Path,
+        *,
+        apt_cache: Path | None = None,
+        apt_proxy: str | None = None,
+        apt_mirror: str | None = None,
+    ):
         self.image = Path(image)
         self.apt_cache = apt_cache
         self.apt_proxy = apt_proxy
@@ -255,7 +198,7 @@ class Chroot:
         self._undo: list[tuple[str, Callable[[], None]]] = []
 
     # -- entering ------------------------------------------------------------------------------
-    def __enter__(self) -> "Chroot":
+    def __enter__(self) -> Chroot:
         try:
             self._setup()
         except BaseException:
@@ -272,13 +215,14 @@ class Chroot:
         self._push(f"umount {target}", lambda t=str(target): _umount(t))
 
     def _setup(self) -> None:
-        part = root_partition(self.image)
+        part = disk.root_partition(self.image)
         self.root = Path(tempfile.mkdtemp(prefix="piimage-root-"))
-        self._push("remove mount point", lambda r=self.root: r.rmdir() if not mounts_under(r) else None)
-        dev = run(["losetup", "--find", "--show", "--offset", str(part.start), "--sizelimit", str(part.size),
-                   str(self.image)], what="losetup").stdout.strip()
+        self._push(
+            "remove mount point", lambda r=self.root: r.rmdir() if not mounts_under(r) else None
+        )
+        dev = disk.attach(self.image, part)
         self._dev = dev
-        self._push(f"detach {dev}", lambda d=dev: _detach(d))
+        self._push(f"detach {dev}", lambda d=dev: disk.detach(d))
         self._mount(["-t", "ext4", dev], self.root)
         r = self.root
         self._mount(["-t", "proc", "proc"], r / "proc")
@@ -288,13 +232,15 @@ class Chroot:
         self._push("stop leftover processes", self._kill_leftovers)
         # policy-rc.d: keep an existing one aside and put it back afterwards
         self._replace_file(r / "usr/sbin/policy-rc.d", POLICY_RC_D.encode(), 0o755)
-        host_resolv = Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b""
+        host_resolv = (
+            Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b""
+        )
         self._replace_file(r / "etc/resolv.conf", host_resolv, 0o644)
         if self.apt_cache is not None:
             self.apt_cache.mkdir(parents=True, exist_ok=True)
             (self.apt_cache / "partial").mkdir(exist_ok=True)
             self._mount(["--bind", str(self.apt_cache)], r / "var/cache/apt/archives")
-        conf = "APT::Install-Recommends \"false\";\nAcquire::Retries \"3\";\nDpkg::Use-Pty \"false\";\n"
+        conf = 'APT::Install-Recommends "false";\nAcquire::Retries "3";\nDpkg::Use-Pty "false";\n'
         if self.apt_proxy:
             conf += f'Acquire::http::Proxy "{self.apt_proxy}";\n'
         self._replace_file(r / "etc/apt/apt.conf.d/99piimage-build", conf.encode(), 0o644)
@@ -322,7 +268,9 @@ class Chroot:
 
     def _use_mirror(self, mirror: str) -> None:
         mirror = mirror.rstrip("/")
-        files = [self.root / "etc/apt/sources.list"] + sorted((self.root / "etc/apt/sources.list.d").glob("*"))
+        files = [self.root / "etc/apt/sources.list"] + sorted(
+            (self.root / "etc/apt/sources.list.d").glob("*")
+        )
         for f in files:
             if not f.is_file():
                 continue
@@ -332,30 +280,57 @@ class Chroot:
                 self._replace_file(f, new.encode(), f.stat().st_mode & 0o7777)
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, argv: list[str], *, what: str, env: dict | None = None,
-            on_line: Callable[[str], None] | None = None):
+    def run(
+        self,
+        argv: list[str],
+        *,
+        what: str,
+        env: dict | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ):
         e = dict(CHROOT_ENV)
         e.update(env or {})
-        return run(["env", "-i", *(f"{k}={v}" for k, v in e.items()), "chroot", str(self.root), *argv],
-                   what=what, on_line=on_line)
+        return run(
+            ["env", "-i", *(f"{k}={v}" for k, v in e.items()), "chroot", str(self.root), *argv],
+            what=what,
+            on_line=on_line,
+        )
 
     def apt_install(self, packages: list[str]) -> None:
         t0 = time.monotonic()
         r = self.run(["apt-get", "update"], what="apt-get update")
         bad = [ln for ln in r.stdout.splitlines() if APT_FAILURES.search(ln)]
         if bad:
-            raise CommandError("apt-get update could not reach every package source", 0,
-                               "\n".join(r.stdout.splitlines()[-25:]),
-                               hint="check apt.mirror / apt.proxy in cluster.yaml and the network")
-        with progress(f"installing {len(packages)} packages under emulation", None, unit="steps") as p:
+            raise CommandError(
+                "apt-get update could not reach every package source",
+                0,
+                "\n".join(r.stdout.splitlines()[-25:]),
+                hint="check apt.mirror / apt.proxy in cluster.yaml and the network",
+            )
+        with progress(
+            f"installing {len(packages)} packages under emulation", None, unit="steps"
+        ) as p:
+
             def on_line(line: str) -> None:
                 if line.startswith(("Unpacking ", "Setting up ")):
                     p.update(1)
 
             try:
-                r = self.run(["apt-get", "install", "-y", "--no-install-recommends",
-                              "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
-                              *packages], what="apt-get install", on_line=on_line)
+                r = self.run(
+                    [
+                        "apt-get",
+                        "install",
+                        "-y",
+                        "--no-install-recommends",
+                        "-o",
+                        "Dpkg::Options::=--force-confdef",
+                        "-o",
+                        "Dpkg::Options::=--force-confold",
+                        *packages,
+                    ],
+                    what="apt-get install",
+                    on_line=on_line,
+                )
             except CommandError as e:
                 missing = re.findall(r"Unable to locate package (\S+)", e.detail or "")
                 if missing:
@@ -363,7 +338,9 @@ class Chroot:
                 raise
         bad = [ln for ln in r.stdout.splitlines() if ln.startswith("E: ")]
         if bad:
-            raise CommandError("apt-get install reported errors", 0, "\n".join(r.stdout.splitlines()[-25:]))
+            raise CommandError(
+                "apt-get install reported errors", 0, "\n".join(r.stdout.splitlines()[-25:])
+            )
         log.info("installed %s in %.0f s", " ".join(packages), time.monotonic() - t0)
 
     def run_script(self, script: Path, *, what: str) -> None:
@@ -436,9 +413,7 @@ class Chroot:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._teardown(ok=exc_type is None)
         if exc_type is None:
-            part = root_partition(self.image)
-            with loop_device(self.image, part) as dev:
-                r = run(["e2fsck", "-f", "-p", dev], what="e2fsck after the package step", check=False)
-                if r.returncode not in (0, 1):
-                    raise CommandError("the root filesystem is damaged after the package step", r.returncode,
-                                       r.stdout[-2000:])
+            with disk.loop_device(self.image, disk.root_partition(self.image)) as dev:
+                disk.fsck(
+                    dev, what="e2fsck of the root filesystem after the package step", repair="-p"
+                )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BuildError
+from .fsutil import write_atomic
 from .run import require_tools, run
 from .secrets import ensure_secrets_dir
 
@@ -24,27 +25,15 @@ class KeyPair:
     public: str  # "ssh-ed25519 AAAA…" without comment
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def munge_key(secrets_dir: Path) -> bytes:
     """One munge key per cluster: made once, then the same bytes in every image."""
     path = ensure_secrets_dir(secrets_dir) / "munge.key"
     if not path.exists():
-        _write_private(path, os.urandom(MUNGE_KEY_BYTES))
+        write_atomic(path, os.urandom(MUNGE_KEY_BYTES), mode=0o600)
     data = path.read_bytes()
     if len(data) < 32:
-        raise BuildError(f"{path}: munge key is {len(data)} bytes; munge needs at least 32", hint="delete it to have a new one made")
+        raise BuildError(f"{path}: munge key is {len(data)} bytes; munge needs at least 32",
+                         hint="delete it to have a new one made")
     return data
 
 
@@ -58,14 +47,16 @@ def _keypair(secrets_dir: Path, rel: str, comment: str) -> KeyPair:
             d = ensure_secrets_dir(d / part)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".keygen-") as td:
             tmp = Path(td) / "key"
-            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(tmp)], what="ssh-keygen")
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(tmp)],
+                what="ssh-keygen")
             os.chmod(tmp, 0o600)
             os.replace(tmp.with_name("key.pub"), pub_path)
             os.replace(tmp, path)
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)
     if not pub_path.exists():
-        raise BuildError(f"{pub_path} is missing beside its private key", hint=f"delete {path} to have a new pair made")
+        raise BuildError(f"{pub_path} is missing beside its private key",
+                         hint=f"delete {path} to have a new pair made")
     fields = pub_path.read_text().split()
     return KeyPair(path.read_bytes(), " ".join(fields[:2]))
 

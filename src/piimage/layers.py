@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import emulate, settings
+from . import disk, emulate, settings
 from .fetch import BaseImage
 from .fsutil import atomic_path, write_atomic
 from .log import log
@@ -30,7 +30,8 @@ class LayerInputs:
     base_sha256: str
     packages: tuple[str, ...]
     headroom_mb: int
-    stage_files: tuple[tuple[str, str], ...]  # (relative path, sha256) of role-scope stage files/scripts
+    # (relative path, sha256) of role-scope stage files/scripts
+    stage_files: tuple[tuple[str, str], ...]
 
     def key(self) -> str:
         doc = json.dumps(
@@ -54,14 +55,17 @@ def _stage_digests(stages: list[Stage], role: str) -> tuple[tuple[str, str], ...
             continue
         for p in sorted(st.dir.rglob("*")):
             if p.is_file():
-                out.append((f"{st.name}/{p.relative_to(st.dir)}", hashlib.sha256(p.read_bytes()).hexdigest()))
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                out.append((f"{st.name}/{p.relative_to(st.dir)}", digest))
     return tuple(out)
 
 
 def inputs_for(profile: Profile, stages: list[Stage], base_sha256: str) -> LayerInputs:
-    role_stage_packages = [p for st in stages if st.scope == "role" and st.applies_to(profile.role) for p in st.packages]
+    role_stage_packages = [p for st in stages if st.scope == "role" and st.applies_to(profile.role)
+                           for p in st.packages]
     packages = tuple(dict.fromkeys([*profile.packages, *role_stage_packages]))
-    return LayerInputs(profile.role, base_sha256, packages, profile.headroom_mb, _stage_digests(stages, profile.role))
+    return LayerInputs(profile.role, base_sha256, packages, profile.headroom_mb,
+                       _stage_digests(stages, profile.role))
 
 
 def layer_dir() -> Path:
@@ -72,15 +76,16 @@ def layer_path(inputs: LayerInputs) -> Path:
     return layer_dir() / f"{inputs.role}-{inputs.key()[:16]}.img"
 
 
-def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, apt_proxy: str | None = None,
-                 apt_mirror: str | None = None) -> Path:
+def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *,
+                 apt_proxy: str | None = None, apt_mirror: str | None = None) -> Path:
     """The cached layer for these inputs, building it if needed (whole or nothing)."""
     final = layer_path(inputs)
     if final.exists():
         log.info("role layer %s: cached (%s)", inputs.role, final.name)
         return final
     t0 = time.monotonic()
-    log.info("role layer %s: building (packages: %s)", inputs.role, " ".join(inputs.packages) or "none")
+    log.info("role layer %s: building (packages: %s)", inputs.role,
+             " ".join(inputs.packages) or "none")
     emulate.check_host()
     final.parent.mkdir(parents=True, exist_ok=True)
     apt_cache = settings.apt_cache_dir() / "arm64"
@@ -89,8 +94,9 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, a
         # A sparse copy: the base's holes stay holes.
         run(["cp", "--sparse=always", str(base.path), str(tmp)], what="copying the base image")
         if inputs.headroom_mb:
-            emulate.grow_image(tmp, inputs.headroom_mb * 1024 * 1024)
-        with emulate.Chroot(tmp, apt_cache=apt_cache, apt_proxy=apt_proxy, apt_mirror=apt_mirror) as ch:
+            disk.grow_image(tmp, inputs.headroom_mb * 1024 * 1024)
+        with emulate.Chroot(tmp, apt_cache=apt_cache, apt_proxy=apt_proxy,
+                            apt_mirror=apt_mirror) as ch:
             if inputs.packages:
                 ch.apt_install(list(inputs.packages))
             for st in stages:
@@ -99,11 +105,14 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *, a
                     if st.script is not None:
                         ch.run_script(st.script, what=f"{st.name}/run-chroot.sh")
         if inputs.headroom_mb:
-            # the headroom was for apt; what is left of it is not flashed (first boot grows the root)
-            emulate.shrink_image(tmp, FREE_AFTER_PACKAGES)
+            # the headroom was for apt; what is left of it is not flashed (first boot grows
+            # the root)
+            disk.shrink_image(tmp, FREE_AFTER_PACKAGES)
     write_atomic(final.with_suffix(".json"), json.dumps(
-        {"role": inputs.role, "key": inputs.key(), "packages": list(inputs.packages), "base_sha256": inputs.base_sha256,
-         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.monotonic() - t0, 1)},
+        {"role": inputs.role, "key": inputs.key(), "packages": list(inputs.packages),
+         "base_sha256": inputs.base_sha256,
+         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         "seconds": round(time.monotonic() - t0, 1)},
         indent=2))
     log.info("role layer %s: built in %.0f s", inputs.role, time.monotonic() - t0)
     return final
@@ -124,10 +133,3 @@ def _copy_role_files(root: Path, st: Stage) -> None:
             shutil.copy2(p, dest)
             os.chown(dest, 0, 0)
 
-
-def prune(keep: set[Path]) -> None:
-    """Remove layers not in `keep` (not called automatically)."""
-    for p in layer_dir().glob("*.img"):
-        if p not in keep:
-            p.unlink()
-            p.with_suffix(".json").unlink(missing_ok=True)

@@ -12,11 +12,9 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import yaml
-
+from . import yamlloc
 from .errors import UserError
 from .settings import data_dir
-from .stages import _unknown
 
 PROFILE_KEYS = {"description", "packages", "services", "headroom_mb"}
 SERVICE_KEYS = {"enable", "disable"}
@@ -86,40 +84,38 @@ def effective(profile: Profile, runs_jobs: bool) -> Profile:
 
 def load_profile(path: Path) -> Profile:
     role = path.stem
-    problems: list[str] = []
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: malformed YAML: {e}") from None
-    if not isinstance(doc, dict):
+    where = str(path)
+    ck = yamlloc.Checker(where, yamlloc.read(path.read_text(), where))
+    if ck.doc.value is not None and not isinstance(ck.doc.value, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     if not ROLE_RE.match(role):
-        problems.append(f"{path}: role name '{role}' must be lower-case letters, digits and '-'")
-    if "stages" in doc:
+        ck.add((), f"role name '{role}' must be lower-case letters, digits and '-'")
+    top = ck.doc.value if isinstance(ck.doc.value, dict) else {}
+    if "stages" in top:
         # a stage says which roles it serves (`roles:` in its stage.yaml); one way, not two
-        problems.append(
-            f"{path}: stages: not supported in a node profile; list the role under `roles:` in "
-            "the stage's stage.yaml instead"
-        )
-    _unknown({k: v for k, v in doc.items() if k != "stages"}, PROFILE_KEYS, str(path), problems)
+        ck.add(("stages",), "not supported in a node profile; list the role under `roles:` in "
+               "the stage's stage.yaml instead")
+    doc = ck.mapping({k: v for k, v in top.items() if k != "stages"}, (), PROFILE_KEYS)
     packages = doc.get("packages") or []
     if not isinstance(packages, list):
-        problems.append(f"{path}: packages: expected a list")
+        ck.add(("packages",), "expected a list")
         packages = []
     for i, p in enumerate(packages):
         if not isinstance(p, str) or not PACKAGE_RE.match(p):
-            problems.append(f"{path}: packages[{i}]: {p!r} is not a Debian package name")
+            ck.add(("packages", i), f"{p!r} is not a Debian package name")
     services = doc.get("services") or {}
     if not isinstance(services, dict):
-        problems.append(f"{path}: services: expected a mapping with enable/disable")
+        ck.add(("services",), "expected a mapping with enable/disable")
         services = {}
-    _unknown(services, SERVICE_KEYS, f"{path}: services", problems)
+    ck.mapping(services, ("services",), SERVICE_KEYS)
     headroom = doc.get("headroom_mb", 1024)
     if not isinstance(headroom, int) or isinstance(headroom, bool) or headroom < 0:
-        problems.append(f"{path}: headroom_mb: expected a whole number of MiB ≥ 0, got {headroom!r}")
+        ck.add(("headroom_mb",), f"expected a whole number of MiB ≥ 0, got {headroom!r}")
         headroom = 0
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) in node profile {path.name}", detail="\n".join(problems))
+    if ck.problems:
+        problems = ck.problems
+        raise UserError(f"{len(problems)} problem(s) in node profile {path.name}",
+                        detail="\n".join(problems))
     return Profile(
         role=role,
         path=path,

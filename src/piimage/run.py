@@ -10,8 +10,9 @@ import signal
 import subprocess
 import threading
 from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Callable, Mapping, Sequence
+from typing import IO
 
 from .errors import CommandError, MissingToolError
 from .log import log
@@ -97,15 +98,16 @@ def run(
     cwd: str | Path | None = None,
     input: bytes | None = None,
     check: bool = True,
+    ok: Collection[int] = (0,),
     capture: bool = True,
     on_line: Callable[[str], None] | None = None,
     hint: str | None = None,
     stdout: IO[bytes] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run a command, stdout and stderr merged; on failure raise CommandError with the
-    output's tail. `on_line` sees each line as it comes (for progress). With `stdout`, the
-    command's output goes to that file and only its stderr is read. Children are killed if
-    we are interrupted."""
+    """Run a command, stdout and stderr merged; on an exit code not in `ok` raise CommandError
+    with the output's tail (`check=False`: never; the caller reads the returncode). `on_line`
+    sees each line as it comes (for progress). With `stdout`, the command's output goes to that
+    file and only its stderr is read. Children are killed if we are interrupted."""
     argv = [str(c) for c in cmd]
     log.debug("$ %s", " ".join(argv))
     full_env = None
@@ -160,7 +162,7 @@ def run(
         with _live_lock:
             _live.discard(proc)
     out = "\n".join(lines)
-    if check and rc != 0:
+    if check and rc not in ok:
         raise CommandError(
             f"{what or argv[0]} failed (exit {rc})",
             returncode=rc,
@@ -180,7 +182,8 @@ def spawn(cmd: Sequence[str | os.PathLike], *, what: str) -> subprocess.Popen:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as e:
-        raise CommandError(f"{what}: cannot start {argv[0]}: {e.strerror}", returncode=-1, output_tail="") from None
+        raise CommandError(f"{what}: cannot start {argv[0]}: {e.strerror}", returncode=-1,
+                           output_tail="") from None
     with _live_lock:
         _live.add(proc)
     return proc

@@ -15,7 +15,6 @@ from .errors import UserError
 from .log import log
 
 DIR_MODE = 0o700
-FILE_MODE = 0o600
 
 
 def ensure_secrets_dir(path: Path) -> Path:
@@ -35,20 +34,3 @@ def ensure_secrets_dir(path: Path) -> Path:
         raise UserError(f"cannot create the secrets directory {path} ({e.strerror or e})") from None
     return path
 
-
-def read_text_secret(path: Path) -> str | None:
-    """A small text secret (trailing newline removed), or None if the file does not exist.
-    A file others can read is tightened to 0600 first; the content is never logged."""
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            os.chmod(path, FILE_MODE)
-            log.warning("%s was readable by others (mode %04o); set it to 0600", path, mode)
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"cannot read secret {path} ({getattr(e, 'strerror', None) or type(e).__name__})"
-        ) from None
-    return text.rstrip("\n")

@@ -31,101 +31,39 @@ stage.yaml:
       - {name: "{{ cluster_user.name }}", uid: "{{ cluster_user.uid }}", shell: /bin/bash}
     append:                        # lines ensured in an existing file, under a section if given
       - {path: /boot/firmware/config.txt, section: "[all]", lines: ["dtoverlay=rpi-poe"], when: …}
+
+Every list above but `packages` is a stage action: a class in ACTIONS below. Its dataclass
+fields are the keys an entry may have (those without a default are required); every entry may
+have a `when:`; every text field is rendered with the node's context unless marked static. The
+lists of names (remove, enable, disable, mask) take plain texts or `{name: …, when: …}`.
+Adding an action is one class here, one NodePlan field, and what stamp.py does with it.
+
+Role-scope stages (the contract): they take `packages`, a `run-chroot.sh` and a `files/`
+folder copied verbatim into the root (layers.py); there is no node at role level, so nothing
+there is rendered. Any action key in a role-scope stage is an error naming the file and key.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
-import yaml
+import jinja2
 
-from . import render
+from . import render, yamlloc
 from .accounts import home_dir
 from .errors import UserError
-from .suggest import unknown
 
-STAGE_KEYS = {"scope", "roles", "packages", "files", "links", "remove", "enable", "disable", "mask", "description",
-              "dirs", "users", "append"}
-DIR_KEYS = {"path", "mode", "owner", "group", "when"}
-USER_KEYS = {"name", "uid", "home", "shell", "groups", "when"}
-APPEND_KEYS = {"path", "section", "lines", "when"}
-FILE_KEYS = {"path", "template", "source", "secret", "mode", "owner", "group", "when"}
-LINK_KEYS = {"path", "target", "when"}
 STAGE_DIR_RE = re.compile(r"^\d\d-[a-z0-9][a-z0-9-]*$")
+STATIC = {"static": True}  # field metadata: taken as written, never rendered (file names, modes)
 
 
-@dataclass(frozen=True)
-class FileSpec:
-    path: str
-    template: str | None = None
-    source: str | None = None
-    secret: str | None = None
-    mode: int = 0o644
-    owner: str = "root"
-    group: str | None = None
-    when: str | None = None
-
-
-@dataclass(frozen=True)
-class LinkSpec:
-    path: str
-    target: str
-    when: str | None = None
-
-
-@dataclass(frozen=True)
-class DirSpec:
-    path: str
-    mode: int = 0o755
-    owner: str = "root"
-    group: str | None = None
-    when: str | None = None
-
-
-@dataclass(frozen=True)
-class UserSpec:
-    name: str
-    uid: str  # rendered, then int
-    home: str | None = None
-    shell: str = "/bin/bash"
-    groups: tuple[str, ...] = ()
-    when: str | None = None
-
-
-@dataclass(frozen=True)
-class AppendSpec:
-    path: str
-    lines: tuple[str, ...]
-    section: str | None = None
-    when: str | None = None
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    dir: Path
-    scope: str
-    roles: tuple[str, ...]
-    description: str = ""
-    packages: tuple[str, ...] = ()
-    files: tuple[FileSpec, ...] = ()
-    links: tuple[LinkSpec, ...] = ()
-    remove: tuple[str, ...] = ()
-    enable: tuple[str, ...] = ()
-    mask: tuple[str, ...] = ()
-    disable: tuple[str, ...] = ()
-    dirs: tuple[DirSpec, ...] = ()
-    users: tuple[UserSpec, ...] = ()
-    append: tuple[AppendSpec, ...] = ()
-    script: Path | None = None
-
-    def applies_to(self, role: str) -> bool:
-        return "all" in self.roles or role in self.roles
-
-
+# ---------------------------------------------------------------------------------------------
+# What a node plan holds (stamp.py writes it)
+# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RenderedFile:
     path: str
@@ -170,7 +108,8 @@ class RenderedAppend:
 
 @dataclass(frozen=True)
 class NodePlan:
-    """Everything one node's stamp writes, decided before any image is opened."""
+    """Everything one node's stamp writes, decided before any image is opened. One field per
+    stage action, named by its stage.yaml key."""
 
     hostname: str
     role: str
@@ -185,122 +124,355 @@ class NodePlan:
     append: tuple[RenderedAppend, ...] = ()
 
 
-def _mode(value: Any, where: str, problems: list[str]) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
+# ---------------------------------------------------------------------------------------------
+# Stage actions
+# ---------------------------------------------------------------------------------------------
+class Renderer:
+    """Renders one action's texts for one node; errors name the action (`file:line: key[i]`)."""
+
+    def __init__(
+        self,
+        env: jinja2.Environment,
+        context: Mapping[str, Any],
+        secrets: Mapping[str, bytes],
+        stage: Stage,
+        where: str,
+    ):
+        self.env = env
+        self.context = context
+        self.secrets = secrets
+        self.stage = stage
+        self.where = where
+
+    def value(self, v: Any) -> Any:
+        if isinstance(v, str):
+            return render.render_string(self.env, v, self.context, self.where)
+        if isinstance(v, tuple):
+            return tuple(self.value(x) for x in v)
+        return v
+
+    def when(self, expr: str | None) -> bool:
+        return not expr or render.evaluate(self.env, expr, self.context, self.where)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Action:
+    """One entry of a stage.yaml list. Subclasses set `key` and turn their rendered fields into
+    what the plan holds (`make`); `ident` says which entries replace each other."""
+
+    key: ClassVar[str]
+    scalar: ClassVar[str | None] = None  # a bare text entry fills this field
+    where: str = field(default="", compare=False, metadata={"yaml": False})
+    when: str | None = field(default=None, metadata=STATIC)
+
+    @classmethod
+    def yaml_fields(cls) -> list:
+        return [f for f in fields(cls) if f.metadata.get("yaml", True)]
+
+    @classmethod
+    def allowed(cls) -> set[str]:
+        return {f.name for f in cls.yaml_fields()}
+
+    @classmethod
+    def required(cls) -> list[str]:
+        return [
+            f.name
+            for f in cls.yaml_fields()
+            if f.default is MISSING and f.default_factory is MISSING
+        ]
+
+    def check(self, stage_dir: Path, problem: Callable[[tuple, str], None]) -> None:
+        """Checks that need more than one field or the stage's files (at load time)."""
+
+    def render(self, r: Renderer) -> Any:
+        """The one render path: every field not marked static, then `make`."""
+        values = {}
+        for f in self.yaml_fields():
+            v = getattr(self, f.name)
+            values[f.name] = v if f.metadata.get("static") else r.value(v)
+        return self.make(values, r)
+
+    def make(self, v: dict[str, Any], r: Renderer) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def ident(rendered: Any) -> Hashable | None:
+        """Entries with the same ident: the later one wins (in the earlier one's place);
+        None: every entry is kept."""
+        return getattr(rendered, "path", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class File(Action):
+    key = "files"
+    path: str
+    template: str | None = field(default=None, metadata=STATIC)
+    source: str | None = field(default=None, metadata=STATIC)
+    secret: str | None = field(default=None, metadata=STATIC)
+    mode: int = field(default=0o644, metadata={"static": True, "read": "mode"})
+    owner: str = "root"
+    group: str | None = None
+
+    def check(self, stage_dir: Path, problem: Callable[[tuple, str], None]) -> None:
+        sources = [k for k in ("template", "source", "secret") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            problem((), "needs exactly one of template, source, secret")
+        for k in ("template", "source"):
+            name = getattr(self, k)
+            if name is not None and not (stage_dir / "files" / name).is_file():
+                problem((k,), f"{stage_dir / 'files' / name} does not exist")
+
+    def make(self, v: dict[str, Any], r: Renderer) -> RenderedFile:
+        path = v["path"]
+        if not path.startswith("/"):
+            raise UserError(f"{r.where}: path {path!r} must be absolute")
+        files = r.stage.dir / "files"
+        if self.template:
+            data = render.render_file(files / self.template, r.context, r.where).encode()
+        elif self.source:
+            data = (files / self.source).read_bytes()
+        else:
+            assert self.secret is not None
+            if self.secret not in r.secrets:
+                raise UserError(f"{r.where}: unknown secret {self.secret!r}")
+            data = r.secrets[self.secret]
+        owner, group = v["owner"], v["group"] or v["owner"]
+        return RenderedFile(path, data, self.mode, owner, group, r.stage.name, bool(self.secret))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link(Action):
+    key = "links"
+    path: str
+    target: str
+
+    def make(self, v: dict[str, Any], r: Renderer) -> RenderedLink:
+        return RenderedLink(v["path"], v["target"], r.stage.name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dir(Action):
+    key = "dirs"
+    path: str
+    mode: int = field(default=0o755, metadata={"static": True, "read": "mode"})
+    owner: str = "root"
+    group: str | None = None
+
+    def make(self, v: dict[str, Any], r: Renderer) -> RenderedDir:
+        return RenderedDir(v["path"], self.mode, v["owner"], v["group"] or v["owner"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class User(Action):
+    key = "users"
+    name: str
+    uid: str  # rendered, then a number
+    home: str | None = None
+    shell: str = "/bin/bash"
+    groups: tuple[str, ...] = field(default=(), metadata={"read": "texts"})
+
+    def make(self, v: dict[str, Any], r: Renderer) -> RenderedUser:
+        if not v["uid"].isdigit():
+            raise UserError(f"{r.where}: uid {v['uid']!r} is not a number")
+        home = v["home"] or home_dir(v["name"])
+        return RenderedUser(v["name"], int(v["uid"]), home, v["shell"], v["groups"])
+
+    @staticmethod
+    def ident(rendered: RenderedUser) -> Hashable | None:
+        return rendered.name
+
+
+@dataclass(frozen=True, kw_only=True)
+class Append(Action):
+    key = "append"
+    path: str
+    lines: tuple[str, ...] = field(metadata={"read": "texts"})
+    section: str | None = None
+
+    def make(self, v: dict[str, Any], r: Renderer) -> RenderedAppend:
+        return RenderedAppend(v["path"], v["section"], v["lines"])
+
+    @staticmethod
+    def ident(rendered: RenderedAppend) -> Hashable | None:
+        return None  # each entry adds its lines
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Name(Action):
+    """A list of names (a glob, a unit): plain texts or mappings with `name` and `when`."""
+
+    scalar = "name"
+    name: str
+
+    def make(self, v: dict[str, Any], r: Renderer) -> str:
+        return v["name"]
+
+    @staticmethod
+    def ident(rendered: str) -> Hashable | None:
+        return rendered  # a unit named twice is enabled once, where it first appeared
+
+
+@dataclass(frozen=True, kw_only=True)
+class Remove(_Name):
+    key = "remove"
+
+    @staticmethod
+    def ident(rendered: str) -> Hashable | None:
+        return None  # globs are applied in order, as written
+
+
+@dataclass(frozen=True, kw_only=True)
+class Enable(_Name):
+    key = "enable"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Disable(_Name):
+    key = "disable"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mask(_Name):
+    key = "mask"
+
+
+ACTIONS: tuple[type[Action], ...] = (File, Link, Dir, User, Append, Remove, Enable, Mask, Disable)
+ACTION_KEYS = {a.key for a in ACTIONS}
+STAGE_KEYS = {"scope", "roles", "packages", "description"} | ACTION_KEYS
+ROLE_SCOPE_KEYS = STAGE_KEYS - ACTION_KEYS
+ROLE_SCOPE_REFUSED = (
+    f"role-scope stages take only {', '.join(sorted(ROLE_SCOPE_KEYS))}, "
+    "run-chroot.sh and files/ (copied as they are); put it in a node-scope stage"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    dir: Path
+    scope: str
+    roles: tuple[str, ...]
+    description: str = ""
+    packages: tuple[str, ...] = ()
+    actions: tuple[Action, ...] = ()
+    script: Path | None = None
+
+    def applies_to(self, role: str) -> bool:
+        return "all" in self.roles or role in self.roles
+
+
+def _read_mode(ck: yamlloc.Checker, v: Any, p: tuple) -> int | None:
+    if isinstance(v, int) and not isinstance(v, bool):
         # YAML reads 0644 as the octal int 420 (YAML 1.1) — accept it as written.
-        return value
-    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3,4}", value):
-        return int(value, 8)
-    problems.append(f"{where}: mode {value!r} is not an octal mode like \"0644\"")
-    return 0o644
+        return v
+    if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3,4}", v):
+        return int(v, 8)
+    ck.add(p, f'mode {v!r} is not an octal mode like "0644"')
+    return None
 
 
-def _unknown(keys, allowed: set[str], where: str, problems: list[str]) -> None:
-    problems.extend(f"{where}: {unknown('key', k, allowed)}" for k in keys if k not in allowed)
+def _read_text(ck: yamlloc.Checker, v: Any, p: tuple) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float, bool)):
+        return ck.doc.raw.get(p, str(v))  # `uid: 1500`, `when: true`: as written
+    ck.add(p, f"expected text, got {yamlloc.type_name(v)}")
+    return None
+
+
+def _read_texts(ck: yamlloc.Checker, v: Any, p: tuple) -> tuple[str, ...] | None:
+    if isinstance(v, str):
+        return (v,)
+    if not isinstance(v, list):
+        ck.add(p, f"expected a list of texts, got {yamlloc.type_name(v)}")
+        return None
+    out = [_read_text(ck, x, p + (i,)) for i, x in enumerate(v)]
+    return None if None in out else tuple(out)  # type: ignore[arg-type]
+
+
+READERS = {"text": _read_text, "texts": _read_texts, "mode": _read_mode}
+
+
+def _load_action(
+    cls: type[Action], item: Any, path: tuple, ck: yamlloc.Checker, d: Path, label: str
+) -> Action | None:
+    if cls.scalar and not isinstance(item, (dict, list)):
+        item = {cls.scalar: item}
+        raw = ck.doc.raw.get(path)
+        if raw is not None:
+            ck.doc.raw[path + (cls.scalar,)] = raw
+    required = cls.required()
+    if isinstance(item, dict):
+        ck.mapping(item, path, cls.allowed())
+    if not isinstance(item, dict) or any(k not in item for k in required):
+        ck.add(path, f"expected a mapping with {' and '.join(repr(k) for k in required)}")
+        return None
+    values: dict[str, Any] = {}
+    for f in cls.yaml_fields():
+        if f.name not in item or (item[f.name] is None and f.name not in required):
+            continue
+        value = READERS[f.metadata.get("read", "text")](ck, item[f.name], path + (f.name,))
+        if value is None and f.name in required:
+            return None  # reported; the entry cannot be checked further
+        if value is not None:  # else reported, and the default stands in for the checks below
+            values[f.name] = value
+    action = cls(where=f"{label}:{ck.line(path)}: {yamlloc.fmt_path(path)}", **values)
+    action.check(d, lambda sub, msg: ck.add(path + sub, msg))
+    return action
 
 
 def load_stage(d: Path) -> Stage:
-    problems: list[str] = []
     meta_path = d / "stage.yaml"
     where0 = str(meta_path)
     try:
-        meta = yaml.safe_load(meta_path.read_text()) or {}
+        text = meta_path.read_text()
     except FileNotFoundError:
         raise UserError(f"{d}: stage directory has no stage.yaml") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{where0}: malformed YAML: {e}") from None
-    if not isinstance(meta, dict):
+    doc = yamlloc.read(text, where0)
+    ck = yamlloc.Checker(where0, doc)
+    if doc.value is not None and not isinstance(doc.value, dict):
         raise UserError(f"{where0}: expected a mapping at the top level")
-    _unknown(meta, STAGE_KEYS, where0, problems)
+    meta = ck.mapping(doc.value, (), STAGE_KEYS)
     scope = meta.get("scope", "node")
     if scope not in ("node", "role"):
-        problems.append(f"{where0}: scope: {scope!r} must be 'node' or 'role'")
-    roles = meta.get("roles", ["all"])
-    if isinstance(roles, str):
-        roles = [roles]
-    files = []
-    for i, f in enumerate(meta.get("files") or []):
-        w = f"{where0}: files[{i}]"
-        if not isinstance(f, dict) or "path" not in f:
-            problems.append(f"{w}: expected a mapping with 'path'")
+        ck.add(("scope",), f"{scope!r} must be 'node' or 'role'")
+    roles = ck.text_list(meta, "roles", (), "a role name", "role names")
+    packages = ck.text_list(meta, "packages", (), "a package name", "package names") or []
+    label = f"{d.name}/stage.yaml"
+    actions: list[Action] = []
+    for cls in ACTIONS:
+        items = meta.get(cls.key)
+        if items is None:
             continue
-        _unknown(f, FILE_KEYS, w, problems)
-        sources = [k for k in ("template", "source", "secret") if k in f]
-        if len(sources) != 1:
-            problems.append(f"{w}: needs exactly one of template, source, secret")
+        if scope == "role":
+            ck.add((cls.key,), ROLE_SCOPE_REFUSED)
             continue
-        for k in ("template", "source"):
-            if k in f and not (d / "files" / f[k]).is_file():
-                problems.append(f"{w}: {k}: {d / 'files' / f[k]} does not exist")
-        files.append(
-            FileSpec(
-                path=str(f["path"]),
-                template=f.get("template"),
-                source=f.get("source"),
-                secret=f.get("secret"),
-                mode=_mode(f.get("mode", "0644"), w, problems),
-                owner=str(f.get("owner", "root")),
-                group=str(f["group"]) if "group" in f else None,
-                when=f.get("when"),
-            )
-        )
-    links = []
-    for i, lk in enumerate(meta.get("links") or []):
-        w = f"{where0}: links[{i}]"
-        if not isinstance(lk, dict) or "path" not in lk or "target" not in lk:
-            problems.append(f"{w}: expected a mapping with 'path' and 'target'")
+        if not isinstance(items, list):
+            ck.add((cls.key,), f"expected a list, got {yamlloc.type_name(items)}")
             continue
-        _unknown(lk, LINK_KEYS, w, problems)
-        links.append(LinkSpec(str(lk["path"]), str(lk["target"]), lk.get("when")))
-    dirs = []
-    for i, x in enumerate(meta.get("dirs") or []):
-        w = f"{where0}: dirs[{i}]"
-        if not isinstance(x, dict) or "path" not in x:
-            problems.append(f"{w}: expected a mapping with 'path'")
-            continue
-        _unknown(x, DIR_KEYS, w, problems)
-        dirs.append(DirSpec(str(x["path"]), _mode(x.get("mode", "0755"), w, problems), str(x.get("owner", "root")),
-                            str(x["group"]) if "group" in x else None, x.get("when")))
-    users = []
-    for i, x in enumerate(meta.get("users") or []):
-        w = f"{where0}: users[{i}]"
-        if not isinstance(x, dict) or "name" not in x or "uid" not in x:
-            problems.append(f"{w}: expected a mapping with 'name' and 'uid'")
-            continue
-        _unknown(x, USER_KEYS, w, problems)
-        users.append(UserSpec(str(x["name"]), str(x["uid"]), x.get("home"), str(x.get("shell", "/bin/bash")),
-                              tuple(str(g) for g in x.get("groups") or ()), x.get("when")))
-    appends = []
-    for i, x in enumerate(meta.get("append") or []):
-        w = f"{where0}: append[{i}]"
-        if not isinstance(x, dict) or "path" not in x or not isinstance(x.get("lines"), list):
-            problems.append(f"{w}: expected a mapping with 'path' and a list of 'lines'")
-            continue
-        _unknown(x, APPEND_KEYS, w, problems)
-        appends.append(AppendSpec(str(x["path"]), tuple(str(v) for v in x["lines"]), x.get("section"), x.get("when")))
+        for i, item in enumerate(items):
+            action = _load_action(cls, item, (cls.key, i), ck, d, label)
+            if action is not None:
+                actions.append(action)
     script = d / "run-chroot.sh"
     if script.exists() and scope != "role":
-        problems.append(f"{d}: run-chroot.sh is only allowed in role-scope stages")
-    if meta.get("packages") and scope != "role":
-        problems.append(f"{where0}: packages: only role-scope stages install packages")
-    if problems:
+        ck.add((), "run-chroot.sh is only allowed in role-scope stages")
+    if packages and scope != "role":
+        ck.add(("packages",), "only role-scope stages install packages")
+    if ck.problems:
+        problems = ck.problems
         raise UserError(f"{len(problems)} problem(s) in stage {d.name}", detail="\n".join(problems))
     return Stage(
         name=d.name,
         dir=d,
         scope=scope,
-        roles=tuple(str(r) for r in roles),
+        roles=tuple(r for _, r in roles) if roles is not None else ("all",),
         description=str(meta.get("description", "")),
-        packages=tuple(str(p) for p in meta.get("packages") or ()),
-        files=tuple(files),
-        links=tuple(links),
-        remove=tuple(str(r) for r in meta.get("remove") or ()),
-        enable=tuple(str(u) for u in meta.get("enable") or ()),
-        mask=tuple(str(u) for u in meta.get("mask") or ()),
-        disable=tuple(str(u) for u in meta.get("disable") or ()),
-        dirs=tuple(dirs),
-        users=tuple(users),
-        append=tuple(appends),
+        packages=tuple(p for _, p in packages),
+        actions=tuple(actions),
         script=script if script.exists() else None,
     )
 
@@ -318,6 +490,9 @@ def discover(dirs: list[Path]) -> list[Stage]:
     return [by_name[k] for k in sorted(by_name)]
 
 
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
 def plan_node(
     stages: list[Stage],
     context: Mapping[str, Any],
@@ -325,74 +500,24 @@ def plan_node(
     hostname: str,
     role: str,
     secrets: Mapping[str, bytes],
-    scope: str = "node",
 ) -> NodePlan:
-    """Render every file of the given scope's stages for one node."""
+    """Render every action of the node-scope stages that apply to this node's role."""
     env = render.environment()
-    files: dict[str, RenderedFile] = {}
-    links: dict[str, RenderedLink] = {}
-    remove: list[str] = []
-    enable: list[str] = []
-    mask: list[str] = []
-    disable: list[str] = []
-    dirs: dict[str, RenderedDir] = {}
-    users: dict[str, RenderedUser] = {}
-    appends: list[RenderedAppend] = []
+    keyed: dict[str, dict[Hashable, Any]] = {a.key: {} for a in ACTIONS}
+    listed: dict[str, list[Any]] = {a.key: [] for a in ACTIONS}
     for st in stages:
-        if st.scope != scope or not st.applies_to(role):
+        if st.scope != "node" or not st.applies_to(role):
             continue
-        for i, f in enumerate(st.files):
-            where = f"{st.name}/stage.yaml: files[{i}]"
-            if f.when and not render.evaluate(env, f.when, context, where):
+        for action in st.actions:
+            r = Renderer(env, context, secrets, st, action.where)
+            if not r.when(action.when):
                 continue
-            path = render.render_string(env, f.path, context, where)
-            if not path.startswith("/"):
-                raise UserError(f"{where}: path {path!r} must be absolute")
-            if f.template:
-                data = render.render_file(st.dir / "files" / f.template, context, where).encode()
-            elif f.source:
-                data = (st.dir / "files" / f.source).read_bytes()
+            out = action.render(r)
+            ident = action.ident(out)
+            if ident is None:
+                listed[action.key].append(out)
             else:
-                assert f.secret is not None
-                if f.secret not in secrets:
-                    raise UserError(f"{where}: unknown secret {f.secret!r}")
-                data = secrets[f.secret]
-            owner = render.render_string(env, f.owner, context, where)
-            group = render.render_string(env, f.group, context, where) if f.group else owner
-            files[path] = RenderedFile(path, data, f.mode, owner, group, st.name, bool(f.secret))
-        for i, lk in enumerate(st.links):
-            where = f"{st.name}/stage.yaml: links[{i}]"
-            if lk.when and not render.evaluate(env, lk.when, context, where):
-                continue
-            p = render.render_string(env, lk.path, context, where)
-            links[p] = RenderedLink(p, render.render_string(env, lk.target, context, where), st.name)
-        for i, x in enumerate(st.dirs):
-            where = f"{st.name}/stage.yaml: dirs[{i}]"
-            if x.when and not render.evaluate(env, x.when, context, where):
-                continue
-            p = render.render_string(env, x.path, context, where)
-            owner = render.render_string(env, x.owner, context, where)
-            group = render.render_string(env, x.group, context, where) if x.group else owner
-            dirs[p] = RenderedDir(p, x.mode, owner, group)
-        for i, u in enumerate(st.users):
-            where = f"{st.name}/stage.yaml: users[{i}]"
-            if u.when and not render.evaluate(env, u.when, context, where):
-                continue
-            name = render.render_string(env, u.name, context, where)
-            uid_text = render.render_string(env, u.uid, context, where)
-            if not uid_text.isdigit():
-                raise UserError(f"{where}: uid {uid_text!r} is not a number")
-            home = render.render_string(env, u.home, context, where) if u.home else home_dir(name)
-            users[name] = RenderedUser(name, int(uid_text), home, u.shell, u.groups)
-        for i, a in enumerate(st.append):
-            where = f"{st.name}/stage.yaml: append[{i}]"
-            if a.when and not render.evaluate(env, a.when, context, where):
-                continue
-            lines = tuple(render.render_string(env, v, context, where) for v in a.lines)
-            appends.append(RenderedAppend(render.render_string(env, a.path, context, where), a.section, lines))
-        remove.extend(st.remove)
-        enable.extend(u for u in st.enable if u not in enable)
-        mask.extend(u for u in st.mask if u not in mask)
-        disable.extend(u for u in st.disable if u not in disable)
-    return NodePlan(hostname, role, tuple(files.values()), tuple(links.values()), tuple(remove), tuple(enable),
-                    tuple(mask), tuple(disable), tuple(dirs.values()), tuple(users.values()), tuple(appends))
+                keyed[action.key][ident] = out
+    return NodePlan(
+        hostname, role, **{a.key: (*listed[a.key], *keyed[a.key].values()) for a in ACTIONS}
+    )

@@ -816,12 +816,3 @@ def test_ensure_secrets_dir_creates_and_tightens(tmp_path, logged):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="exists and is not a directory"):
         secrets.ensure_secrets_dir(tmp_path / "file")
-
-
-def test_read_text_secret(tmp_path, logged):
-    assert secrets.read_text_secret(tmp_path / "missing") is None
-    f = tmp_path / "token"
-    f.write_text("s3cr3t-value\n")
-    os.chmod(f, 0o644)
-    assert secrets.read_text_secret(f) == "s3cr3t-value"
-    assert mode(f) == 0o600 and "readable by others" in logged.text and "s3cr3t" not in logged.text

@@ -1,0 +1,34 @@
+"""run()'s accepted exit codes, private key files, the partition table reader: no root."""
+
+import stat
+
+import pytest
+
+from piimage import disk, keys
+from piimage.errors import CommandError
+from piimage.run import run
+
+
+def test_run_accepts_listed_exit_codes():
+    assert run(["sh", "-c", "exit 1"], ok=(0, 1)).returncode == 1
+    with pytest.raises(CommandError, match=r"three failed \(exit 3\)"):
+        run(["sh", "-c", "echo why; exit 3"], what="three", ok=(0, 1))
+    assert run(["sh", "-c", "exit 3"], check=False).returncode == 3
+
+
+def test_munge_key_is_private_and_kept(tmp_path):
+    first = keys.munge_key(tmp_path / "s")
+    path = tmp_path / "s" / "munge.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert len(first) == keys.MUNGE_KEY_BYTES and keys.munge_key(tmp_path / "s") == first
+    assert [p.name for p in path.parent.iterdir()] == ["munge.key"]  # no temporary left
+
+
+def test_parse_sfdisk_json():
+    text = """warning first\n{"partitiontable": {"label": "dos", "sectorsize": 512, "partitions": [
+      {"node": "img1", "start": 16384, "size": 1048576, "type": "c"},
+      {"node": "img2", "start": 1064960, "size": 4194304, "type": "83"}]}}"""
+    p1, p2 = disk.parse_sfdisk_json(text)
+    assert (p1.number, p1.start, p1.type) == (1, 16384 * 512, "c")
+    assert (p2.number, p2.start, p2.size) == (2, 1064960 * 512, 4194304 * 512)
