@@ -232,11 +232,14 @@ def standin(standin_server, request, tmp_path_factory):
         with phases.timed(f"stand-in {suite} (build or cache)"):
             run_standin_script(suite, scratch / suite, standin_server.url_base)
 
+    def start(*suites: str) -> None:
+        for s in sorted(_suites_needed(request.session) | set(suites)):
+            if s not in builds:
+                builds[s] = pool.submit(build, s)
+
     def get(suite: str) -> StandIn:
         if suite not in made:
-            for s in sorted(_suites_needed(request.session) | {suite}):
-                if s not in builds:
-                    builds[s] = pool.submit(build, s)
+            start(suite)
             builds[suite].result()  # re-raises the build's skip or failure here
             run_standin_script(suite, standin_server.dir, standin_server.url_base)
             d = standin_server.dir
@@ -254,12 +257,20 @@ def standin(standin_server, request, tmp_path_factory):
             )
         return made[suite]
 
+    get.start = start  # type: ignore[attr-defined]
     try:
         yield get
     finally:
         for f in builds.values():
             f.cancel()
         pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _standins_from_the_start(standin):
+    """The stand-ins start building with the first integration test, whatever it needs (the
+    Docker tests, which run first, need the bookworm one only at their last step)."""
+    standin.start()
 
 
 @pytest.fixture(scope="session")
@@ -303,7 +314,7 @@ def standin_raw(standin, tmp_path_factory):
 # The environment piimage runs in for the end-to-end tests: a fresh HOME with an SSH key, a fresh
 # download cache per session, role layers and apt archives kept in the machine's cache.
 @pytest.fixture(scope="session")
-def env(tmp_path_factory, standin_trixie, standin_bookworm):
+def env(tmp_path_factory, standin_server):
     home = tmp_path_factory.mktemp("home")
     (home / ".ssh").mkdir(mode=0o700)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester@laptop", "-f",
@@ -315,7 +326,9 @@ def env(tmp_path_factory, standin_trixie, standin_bookworm):
         PIIMAGE_CACHE=str(tmp_path_factory.mktemp("cache")),
         PIIMAGE_LAYER_CACHE=str(PERSISTENT_CACHE / "layers"),
         PIIMAGE_APT_CACHE=str(PERSISTENT_CACHE / "apt-archives"),
-        PIIMAGE_OS_LIST_URL=standin_trixie.os_list_url,
+        # lists every stand-in published so far: a test asks for its release's stand-in
+        # (standin_trixie, standin_bookworm) before it builds from it
+        PIIMAGE_OS_LIST_URL=standin_server.os_list_url,
     )
     return e
 
@@ -326,3 +339,22 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("time of the expensive phases")
         for line in phases.summary():
             terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Order for a machine with nothing cached, so both cores have work from the start: the
+    unit tests; then the Docker tests (their images need no stand-in); then what needs only
+    the bookworm stand-in (~4 min to build, while trixie's takes ~10 on the other core); the
+    trixie tests last. The order within each group is kept."""
+
+    def rank(item) -> int:
+        if "/tests/unit/" in str(item.path):
+            return 0
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        trixie = "standin_trixie" in names or (callspec is not None and callspec.params.get("suite") == "trixie")
+        if trixie:
+            return 3
+        return 1 if "docker" in names else 2
+
+    items.sort(key=rank)

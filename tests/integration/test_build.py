@@ -27,7 +27,7 @@ def host_mounts_and_loops() -> tuple[str, str]:
 # The README command, from the embedded default cluster, on the trixie stand-in.
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def node02_default(env, tmp_path_factory):
+def node02_default(env, standin_trixie, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("default-cluster")
     proc = piimage(["build", "--role", "compute", "--hostname", "node02"], env, cwd)
     return cwd, proc
@@ -93,7 +93,7 @@ def test_default_cluster_node02(node02_default, env):
 # A three-node cluster with --all: issue 2's --all and issue 3's cluster services.
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def cluster_all(env, tmp_path_factory):
+def cluster_all(env, standin_trixie, tmp_path_factory):
     # No compression here: test_outputs_for_flashing_tools compresses the one image it checks
     # (xz of three ~2 GB images would cost minutes of a two-core CI machine for nothing).
     cwd = tmp_path_factory.mktemp("cluster")
@@ -184,7 +184,7 @@ def test_cluster_services(cluster_all):
 # --------------------------------------------------------------------------------------------
 # The bookworm stand-in (Raspberry Pi OS Legacy).
 # --------------------------------------------------------------------------------------------
-def test_bookworm_node(env, tmp_path):
+def test_bookworm_node(env, standin_bookworm, tmp_path):
     (tmp_path / "cluster.yaml").write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.12"))
     piimage(["build", "--role", "compute", "--hostname", "node01", "--base", "raspios-lite-arm64-legacy"], env, tmp_path)
     img = tmp_path / "out" / "testcluster" / "node01.img"

@@ -43,7 +43,7 @@ GOOD = ("head", "node01", "node02")
 
 
 @pytest.fixture(scope="module")
-def cluster(env, tmp_path_factory):
+def cluster(env, standin_trixie, tmp_path_factory):
     """head, node01, node02 (and node03) built from the trixie stand-in (role layers shared with
     test_build)."""
     cwd = tmp_path_factory.mktemp("rehearse")
