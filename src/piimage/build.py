@@ -22,7 +22,7 @@ from .errors import BuildError, UserError
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
 from .keys import KeyPair, cluster_ssh_key, munge_key, node_host_key
-from .layers import ensure_layer
+from .layers import ensure_layers
 from .layers import inputs_for as layer_inputs
 from .log import lines_only, log
 from .output import (COMPRESSORS, compress, publish_image, update_manifest, write_bmap, write_imager_repo,
@@ -237,14 +237,11 @@ def execute(bp: BuildPlan) -> list[Path]:
             log.info("workspace kept at %s", ws)
         else:
             stack.callback(shutil.rmtree, ws, ignore_errors=True)
-        by_key: dict[str, Path] = {}  # nodes with the same profile share one layer
-        jobs: list[_NodeJob] = []
-        for pn in bp.nodes:
-            inputs = layer_inputs(pn.profile, list(bp.stages), base.sha256)
-            if inputs.key() not in by_key:
-                by_key[inputs.key()] = ensure_layer(base, inputs, list(bp.stages), apt_proxy=bp.cluster.apt.proxy,
-                                                    apt_mirror=bp.cluster.apt.mirror)
-            jobs.append(_NodeJob(pn, by_key[inputs.key()], ws / f"{pn.hostname}.qcow2"))
+        inputs = {pn.hostname: layer_inputs(pn.profile, list(bp.stages), base.sha256) for pn in bp.nodes}
+        # nodes with the same profile share one layer; different layers are built side by side
+        by_key = ensure_layers(base, {i.key(): i for i in inputs.values()}, list(bp.stages),
+                               apt_proxy=bp.cluster.apt.proxy, apt_mirror=bp.cluster.apt.mirror)
+        jobs = [_NodeJob(pn, by_key[inputs[pn.hostname].key()], ws / f"{pn.hostname}.qcow2") for pn in bp.nodes]
         for job in jobs:
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(job.layer), "-F", "raw", str(job.overlay)],
                 what=f"qemu-img create for {job.planned.hostname}")

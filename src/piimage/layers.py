@@ -8,7 +8,11 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from .fetch import BaseImage
 from .fsutil import atomic_path, write_atomic
 from .log import log
 from .profiles import Profile
-from .run import run
+from .run import run, terminate_all
 from .stages import Stage
 
 LAYER_FORMAT = 2  # bump when the way layers are made changes
@@ -76,9 +80,43 @@ def layer_path(inputs: LayerInputs) -> Path:
     return layer_dir() / f"{inputs.role}-{inputs.key()[:16]}.img"
 
 
+def ensure_layers(base: BaseImage, wanted: dict[str, LayerInputs], stages: list[Stage], *,
+                  apt_proxy: str | None = None, apt_mirror: str | None = None) -> dict[str, Path]:
+    """The layers for these inputs (by key), from the cache or built now. Layers still to be
+    built are built side by side, one per core: apt under user emulation runs one emulated
+    dpkg at a time, so a head and a compute layer take the time of the longer one. If one
+    fails or the build is interrupted, the others are stopped and cleaned up too."""
+    out = {k: layer_path(i) for k, i in wanted.items() if layer_path(i).exists()}
+    for k in out:
+        log.info("role layer %s: cached (%s)", wanted[k].role, out[k].name)
+    todo = [k for k in wanted if k not in out]
+    if len(todo) <= 1:
+        for k in todo:
+            out[k] = ensure_layer(base, wanted[k], stages, apt_proxy=apt_proxy, apt_mirror=apt_mirror)
+        return out
+    workers = max(1, min(len(todo), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
+        futures = {pool.submit(ensure_layer, base, wanted[k], stages, apt_proxy=apt_proxy,
+                               apt_mirror=apt_mirror, private_apt=True): k for k in todo}
+        try:
+            for f in as_completed(futures):
+                out[futures[f]] = f.result()
+        except BaseException:
+            # a failure or Ctrl-C: end every build's commands; each cleans up in its thread
+            terminate_all()
+            for f in futures:
+                f.cancel()
+            wait(list(futures))
+            raise
+    return out
+
+
 def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *,
-                 apt_proxy: str | None = None, apt_mirror: str | None = None) -> Path:
-    """The cached layer for these inputs, building it if needed (whole or nothing)."""
+                 apt_proxy: str | None = None, apt_mirror: str | None = None,
+                 private_apt: bool = False) -> Path:
+    """The cached layer for these inputs, building it if needed (whole or nothing). With
+    `private_apt`, apt works in a copy (hard links) of the shared archive cache, so builds
+    side by side do not fight over its lock; new downloads are linked back afterwards."""
     final = layer_path(inputs)
     if final.exists():
         log.info("role layer %s: cached (%s)", inputs.role, final.name)
@@ -88,8 +126,37 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *,
              " ".join(inputs.packages) or "none")
     emulate.check_host()
     final.parent.mkdir(parents=True, exist_ok=True)
-    apt_cache = settings.apt_cache_dir() / "arm64"
-    apt_cache.mkdir(parents=True, exist_ok=True)
+    shared_cache = settings.apt_cache_dir() / "arm64"
+    shared_cache.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        apt_cache = stack.enter_context(_private_archives(shared_cache)) if private_apt else shared_cache
+        _build_layer(base, inputs, stages, final, apt_cache, apt_proxy, apt_mirror)
+    log.info("role layer %s: built in %.0f s", inputs.role, time.monotonic() - t0)
+    return final
+
+
+@contextmanager
+def _private_archives(shared: Path) -> Iterator[Path]:
+    """A private apt archive directory holding hard links to the shared cache's packages;
+    what apt adds to it is linked into the shared cache when done, and the directory removed."""
+    private = Path(tempfile.mkdtemp(prefix=".private-", dir=shared.parent))
+    private.chmod(0o755)  # apt downloads as _apt into its partial/ directory
+    try:
+        for deb in shared.glob("*.deb"):
+            os.link(deb, private / deb.name)
+        yield private
+        for deb in private.glob("*.deb"):
+            try:
+                os.link(deb, shared / deb.name)
+            except FileExistsError:
+                pass
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _build_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], final: Path, apt_cache: Path,
+                 apt_proxy: str | None, apt_mirror: str | None) -> None:
+    t0 = time.monotonic()
     with atomic_path(final) as tmp:
         # A sparse copy: the base's holes stay holes.
         run(["cp", "--sparse=always", str(base.path), str(tmp)], what="copying the base image")
@@ -114,8 +181,6 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *,
          "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          "seconds": round(time.monotonic() - t0, 1)},
         indent=2))
-    log.info("role layer %s: built in %.0f s", inputs.role, time.monotonic() - t0)
-    return final
 
 
 def _copy_role_files(root: Path, st: Stage) -> None:

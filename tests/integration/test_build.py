@@ -27,7 +27,9 @@ def host_mounts_and_loops() -> tuple[str, str]:
 # The README command, from the embedded default cluster, on the trixie stand-in.
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def node02_default(env, standin_trixie, tmp_path_factory):
+def node02_default(env, standin_trixie, cluster_all, tmp_path_factory):
+    # after cluster_all, whose --all builds the head and compute layers side by side; this
+    # build of the default cluster then finds its compute layer cached (same profile, same key)
     cwd = tmp_path_factory.mktemp("default-cluster")
     proc = piimage(["build", "--role", "compute", "--hostname", "node02"], env, cwd)
     return cwd, proc

@@ -55,3 +55,50 @@ def test_head_that_runs_jobs_gets_slurmd(tmp_path):
     assert "NodeName=head NodeAddr=10.0.0.10" in conf and "Nodes=head,node01,node02" in conf
     head = bp.profiles["head"]
     assert "slurmd" in head.packages and "slurmd.service" in head.enable and "slurmd.service" not in head.disable
+
+
+def test_missing_layers_are_built_side_by_side_and_cached_ones_kept(tmp_path, monkeypatch):
+    """ensure_layers builds the layers it lacks at the same time (one per core) and takes the
+    others from the cache; each concurrent build gets a private apt archive."""
+    import threading
+    import time
+
+    from piimage import layers
+
+    monkeypatch.setattr(layers.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("PIIMAGE_LAYER_CACHE", str(tmp_path / "layers"))
+    (tmp_path / "layers").mkdir()
+    mk = lambda role: layers.LayerInputs(role, "b" * 64, (role + "-pkg",), 0, ())  # noqa: E731
+    wanted = {i.key(): i for i in (mk("head"), mk("compute"), mk("login"))}
+    cached = layers.layer_path(mk("login"))
+    cached.write_bytes(b"")
+    running, peak, calls = set(), [0], []
+    lock = threading.Lock()
+
+    def fake(base, inputs, stages, *, apt_proxy=None, apt_mirror=None, private_apt=False):
+        with lock:
+            running.add(inputs.role)
+            peak[0] = max(peak[0], len(running))
+            calls.append((inputs.role, private_apt))
+        time.sleep(0.3)
+        with lock:
+            running.discard(inputs.role)
+        return tmp_path / f"{inputs.role}.img"
+
+    monkeypatch.setattr(layers, "ensure_layer", fake)
+    out = layers.ensure_layers(None, wanted, [])
+    assert out[mk("login").key()] == cached
+    assert out[mk("head").key()] == tmp_path / "head.img" and out[mk("compute").key()] == tmp_path / "compute.img"
+    assert peak[0] == 2 and sorted(calls) == [("compute", True), ("head", True)]
+
+
+def test_private_apt_archive_links_in_and_back(tmp_path):
+    from piimage.layers import _private_archives
+
+    shared = tmp_path / "arm64"
+    shared.mkdir()
+    (shared / "a.deb").write_bytes(b"a")
+    with _private_archives(shared) as private:
+        assert (private / "a.deb").stat().st_ino == (shared / "a.deb").stat().st_ino
+        (private / "b.deb").write_bytes(b"b")  # what apt downloaded
+    assert (shared / "b.deb").read_bytes() == b"b" and not private.exists()
