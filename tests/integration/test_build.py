@@ -153,6 +153,8 @@ def test_cluster_services(cluster_all):
                 confs[v.path.name] = v.read("/etc/slurm/slurm.conf")
                 wants = v.ls("/etc/systemd/system/multi-user.target.wants")
                 assert "munge.service" in wants
+                daemon = "slurmctld" if role == "head" else "slurmd"
+                assert "Restart=on-failure" in v.text(f"/etc/systemd/system/{daemon}.service.d/piimage-restart.conf")
                 if role == "head":
                     assert "slurmctld.service" in wants and "slurmd.service" not in wants
                     assert "10.0.0.0/24(rw,sync,no_subtree_check,no_root_squash)" in v.text("/etc/exports.d/piimage.exports")

@@ -206,13 +206,21 @@ CLIENT = {
 }
 MPI = {"/etc/openmpi/openmpi-default-hostfile"}
 # kind: (hostname in the cluster, head runs jobs, stage -> paths, /clusterfs mode)
+SLURM = COMMON["55-slurm"]
+RESTART_SLURMD = {"/etc/systemd/system/slurmd.service.d/piimage-restart.conf"}
+RESTART_SLURMCTLD = {"/etc/systemd/system/slurmctld.service.d/piimage-restart.conf"}
 KINDS = {
-    "head": ("head", False, {**COMMON, **HEAD}, 0o777),
-    "head-runs-jobs": ("head", True, {**COMMON, **HEAD}, 0o777),
+    "head": ("head", False, {**COMMON, **HEAD, "55-slurm": SLURM | RESTART_SLURMCTLD}, 0o777),
+    "head-runs-jobs": (
+        "head",
+        True,
+        {**COMMON, **HEAD, "55-slurm": SLURM | RESTART_SLURMCTLD | RESTART_SLURMD},
+        0o777,
+    ),
     "compute": (
         "node01",
         False,
-        {**COMMON, **CLIENT, "65-shared": CLIENT["65-shared"] | MPI},
+        {**COMMON, **CLIENT, "55-slurm": SLURM | RESTART_SLURMD, "65-shared": CLIENT["65-shared"] | MPI},
         0o755,
     ),
     # a role of the user's: SLURM client, munge and the NFS mount, but no Open MPI, no slurmd
