@@ -38,6 +38,7 @@ from .errors import BuildError, PiimageError, UserError
 from .fsutil import write_atomic
 from .guestkernel import GuestKernel, guest_kernel
 from .inventory import Cluster, Node
+from .inventory.boards import BOARDS
 from .log import log
 from .run import require_tools, run, spawn, stop
 
@@ -330,9 +331,11 @@ class Report:
 
 
 def vm_memory_mb(model: str) -> int:
-    """The board's RAM, from the model name (pi4-2gb → 2048)."""
-    m = re.search(r"-(\d+)gb$", model)
-    return int(m.group(1)) * 1024 if m else 2048
+    """QEMU's -m for a board: the MemTotal its own kernel reports (inventory/boards.py) plus
+    what Debian's arm64 kernel keeps for itself (struct pages, about 1/64 of memory, and its
+    image), so the guest sees about what the board would and no more."""
+    mem = BOARDS[model].mem_total_mb if model in BOARDS else 1853
+    return mem + mem // 64 + 24
 
 
 def _host_available_mb() -> int:
@@ -380,8 +383,8 @@ class Rehearsal:
         self.images = out_dir / cluster.name
         self.logs = self.images / "rehearsal"
         self.timeout = timeout
-        self.head = next((n for n in nodes if n.role == "head"), None)
-        self.compute = [n for n in nodes if n.runs_jobs]
+        self.head = next((n for n in nodes if n.facts.slurmctld), None)
+        self.compute = [n for n in nodes if n.facts.slurmd]
         self.states: dict[str, NodeState] = {}
         self.t0 = 0.0
         self.kernel: GuestKernel | None = None
@@ -567,9 +570,9 @@ class Rehearsal:
 
     # -- checks -----------------------------------------------------------------------------------
     def _as_user(self, cmd: str) -> str:
-        user = self.cluster.cluster_user.name
+        user = self.cluster.cluster_user
         return f"cd {shlex.quote(self.cluster.shared.path)} 2>/dev/null || cd; " \
-               f"runuser -u {user} -- env HOME=/home/{user} USER={user} bash -c {shlex.quote(cmd)}"
+               f"runuser -u {user.name} -- env HOME={user.home} USER={user.name} bash -c {shlex.quote(cmd)}"
 
     def _call(self, st: NodeState, script: str, timeout: float = 300) -> tuple[int, str]:
         if st.failed:
