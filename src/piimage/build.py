@@ -25,8 +25,15 @@ from .keys import KeyPair, cluster_ssh_key, munge_key, node_host_key
 from .layers import ensure_layers
 from .layers import inputs_for as layer_inputs
 from .log import lines_only, log
-from .output import (COMPRESSORS, compress, publish_image, update_manifest, write_bmap, write_imager_repo,
-                     write_sha256sums)
+from .output import (
+    COMPRESSORS,
+    compress,
+    publish_image,
+    update_manifest,
+    write_bmap,
+    write_imager_repo,
+    write_sha256sums,
+)
 from .profiles import Profile, effective
 from .run import require_tools, run, terminate_all
 from .settings import data_dir
@@ -94,39 +101,68 @@ def cluster_keys(cluster: Cluster) -> ClusterKeys:
     )
 
 
-def plan(cluster: Cluster, nodes: tuple[Node, ...], *, keys: ClusterKeys, out_dir: Path,
-         base: str | None = None, keep_workspace: bool = False, compress: str = "none",
-         url_base: str | None = None) -> BuildPlan:
+def plan(
+    cluster: Cluster,
+    nodes: tuple[Node, ...],
+    *,
+    keys: ClusterKeys,
+    out_dir: Path,
+    base: str | None = None,
+    keep_workspace: bool = False,
+    compress: str = "none",
+    url_base: str | None = None,
+) -> BuildPlan:
     """Everything that can be decided without touching an image: a typo costs milliseconds.
     Pure: reads the stages and nothing else, writes nothing, needs no host tool."""
     if base:
         spec = fetch.parse_base_spec(base, None, relative_to=Path.cwd())
     else:
-        spec = fetch.parse_base_spec(cluster.base, cluster.base_sha256, relative_to=cluster.base_dir)
+        spec = fetch.parse_base_spec(
+            cluster.base, cluster.base_sha256, relative_to=cluster.base_dir
+        )
     roles = cluster.roles
     for n in nodes:
         if n.role not in roles:
-            raise UserError(f"no node profile for role '{n.role}' (known: {', '.join(sorted(roles))})")
+            raise UserError(
+                f"no node profile for role '{n.role}' (known: {', '.join(sorted(roles))})"
+            )
     stage_list = discover([data_dir() / "stages", *cluster.stages])
     shared = render.cluster_context(cluster)
     host_public = {h: k.public for h, k in keys.hosts.items()}
     planned = []
     for node in nodes:
         profile = effective(roles[node.role], node.runs_jobs)
-        ctx = render.node_context(cluster, node, packages=profile.packages, shared=shared,
-                                  disk_id=node_disk_id(cluster.name, node.hostname),
-                                  host_keys=host_public, cluster_ssh_public=keys.cluster_ssh.public)
+        ctx = render.node_context(
+            cluster,
+            node,
+            packages=profile.packages,
+            shared=shared,
+            disk_id=node_disk_id(cluster.name, node.hostname),
+            host_keys=host_public,
+            cluster_ssh_public=keys.cluster_ssh.public,
+        )
         node_secrets = {
             "ssh_host_ed25519_key": keys.hosts[node.hostname].private,
             "cluster_ssh_key": keys.cluster_ssh.private,
             "munge.key": keys.munge,
         }
         p = plan_node(stage_list, ctx, hostname=node.hostname, role=node.role, secrets=node_secrets)
-        p = replace(p, enable=tuple(dict.fromkeys([*p.enable, *profile.enable])),
-                    disable=tuple(dict.fromkeys([*p.disable, *profile.disable])))
+        p = replace(
+            p,
+            enable=tuple(dict.fromkeys([*p.enable, *profile.enable])),
+            disable=tuple(dict.fromkeys([*p.disable, *profile.disable])),
+        )
         planned.append(PlannedNode(node, profile, p))
-    return BuildPlan(cluster, spec, tuple(stage_list), tuple(planned), out_dir, keep_workspace, compress,
-                     url_base)
+    return BuildPlan(
+        cluster,
+        spec,
+        tuple(stage_list),
+        tuple(planned),
+        out_dir,
+        keep_workspace,
+        compress,
+        url_base,
+    )
 
 
 def _clean_stale_workspaces(root: Path) -> None:
@@ -159,7 +195,7 @@ class Publisher:
         self.workers = max(1, min(len(bp.nodes), os.cpu_count() or 1))
         self.futures: dict = {}
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         self._stack = ExitStack()
         if self.workers > 1:
             self._stack.enter_context(lines_only())
@@ -194,7 +230,13 @@ class Publisher:
             "role_layer": job.layer.name,
             "release_date": time.strftime("%Y-%m-%d"),
             "files": [
-                {"path": w.path, "sha256": w.sha256, "mode": f"{w.mode:04o}", "owner": w.owner, "stage": w.stage}
+                {
+                    "path": w.path,
+                    "sha256": w.sha256,
+                    "mode": f"{w.mode:04o}",
+                    "owner": w.owner,
+                    "stage": w.stage,
+                }
                 for w in written
             ],
         }
@@ -220,7 +262,10 @@ class Publisher:
 def _remove_stale_derivatives(image: Path) -> None:
     """A new .img makes the previous build's .img.xz/.zst/.gz and their sidecars wrong."""
     for suffix in (".xz", ".zst", ".gz"):
-        for p in (image.with_name(image.name + suffix), image.with_name(image.name + suffix + ".sha256")):
+        for p in (
+            image.with_name(image.name + suffix),
+            image.with_name(image.name + suffix + ".sha256"),
+        ):
             p.unlink(missing_ok=True)
 
 
@@ -240,14 +285,37 @@ def execute(bp: BuildPlan) -> list[Path]:
             log.info("workspace kept at %s", ws)
         else:
             stack.callback(shutil.rmtree, ws, ignore_errors=True)
-        inputs = {pn.hostname: layer_inputs(pn.profile, list(bp.stages), base.sha256) for pn in bp.nodes}
+        inputs = {
+            pn.hostname: layer_inputs(pn.profile, list(bp.stages), base.sha256) for pn in bp.nodes
+        }
         # nodes with the same profile share one layer; different layers are built side by side
-        by_key = ensure_layers(base, {i.key(): i for i in inputs.values()}, list(bp.stages),
-                               apt_proxy=bp.cluster.apt.proxy, apt_mirror=bp.cluster.apt.mirror)
-        jobs = [_NodeJob(pn, by_key[inputs[pn.hostname].key()], ws / f"{pn.hostname}.qcow2") for pn in bp.nodes]
+        by_key = ensure_layers(
+            base,
+            {i.key(): i for i in inputs.values()},
+            list(bp.stages),
+            apt_proxy=bp.cluster.apt.proxy,
+            apt_mirror=bp.cluster.apt.mirror,
+        )
+        jobs = [
+            _NodeJob(pn, by_key[inputs[pn.hostname].key()], ws / f"{pn.hostname}.qcow2")
+            for pn in bp.nodes
+        ]
         for job in jobs:
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(job.layer), "-F", "raw", str(job.overlay)],
-                what=f"qemu-img create for {job.planned.hostname}")
+            run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    str(job.layer),
+                    "-F",
+                    "raw",
+                    str(job.overlay),
+                ],
+                what=f"qemu-img create for {job.planned.hostname}",
+            )
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)
         with Publisher(bp, out, published) as publisher:
             with GuestSession([job.overlay for job in jobs]) as session:
@@ -255,8 +323,13 @@ def execute(bp: BuildPlan) -> list[Path]:
                 for disk, job in zip(session.disks(), jobs):  # one disk per overlay, in order
                     p = job.planned.stamp
                     log.info("stamping %s (%s)", p.hostname, p.role)
-                    written = stamp(disk, p, cluster_name=bp.cluster.name, admin=admin,
-                                    check_layout=job.layer not in checked)
+                    written = stamp(
+                        disk,
+                        p,
+                        cluster_name=bp.cluster.name,
+                        admin=admin,
+                        check_layout=job.layer not in checked,
+                    )
                     checked.add(job.layer)
                     # stamp() ends with a sync, which reaches the overlay file: it can be
                     # converted while the appliance stamps the next node
@@ -265,10 +338,20 @@ def execute(bp: BuildPlan) -> list[Path]:
         manifest = update_manifest(
             out / "manifest.json",
             {"name": bp.cluster.name},
-            {"name": base.name, "source": base.source, "sha256": base.sha256, "release_date": base.release_date},
+            {
+                "name": base.name,
+                "source": base.source,
+                "sha256": base.sha256,
+                "release_date": base.release_date,
+            },
             manifest_nodes,
         )
         write_imager_repo(out, bp.cluster.name, manifest["nodes"], bp.url_base)
         write_sha256sums(out)
-    log.info("built %d node image%s in %.0f s", len(bp.nodes), "s" if len(bp.nodes) != 1 else "", time.monotonic() - t0)
+    log.info(
+        "built %d node image%s in %.0f s",
+        len(bp.nodes),
+        "s" if len(bp.nodes) != 1 else "",
+        time.monotonic() - t0,
+    )
     return published

@@ -56,8 +56,12 @@ def handle_errors(fn):
 
 
 def common_options(fn):
-    fn = click.option("-v", "--verbose", count=True, help="More detail on stderr (-vv for commands' output).")(fn)
-    fn = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")(fn)
+    fn = click.option(
+        "-v", "--verbose", count=True, help="More detail on stderr (-vv for commands' output)."
+    )(fn)
+    fn = click.option(
+        "-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars."
+    )(fn)
     return fn
 
 
@@ -74,7 +78,9 @@ def _load_cluster(inventory: Path | None):
 
 
 inventory_option = click.option(
-    "-i", "--inventory", type=click.Path(path_type=Path, dir_okay=False),
+    "-i",
+    "--inventory",
+    type=click.Path(path_type=Path, dir_okay=False),
     help="cluster.yaml to use (default: ./cluster.yaml, else the built-in example cluster).",
 )
 
@@ -89,17 +95,50 @@ def main() -> None:
 @inventory_option
 @click.option("--role", help="Role of the node to build (checked against the inventory).")
 @click.option("--hostname", help="Hostname of the node to build (must be in the inventory).")
-@click.option("--all", "all_nodes", is_flag=True, help="Build every node of the inventory (with --role: every node of that role).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("out"),
-              show_default=True, help="Output directory; images go to OUT/<cluster>/.")
-@click.option("--base", help="Base image: raspios-lite-arm64[-legacy], an https://….img.xz URL, or a local .img/.img.xz (overrides the inventory).")
-@click.option("--compress", type=click.Choice(["xz", "zstd", "gzip", "none"]), default=None,
-              help="Also write a compressed copy (every core). Default: xz with --all, none otherwise; the raw .img is always kept.")
-@click.option("--url-base", help="Base URL for the images in os_list.json (Raspberry Pi Imager repository); default: file:// of the output folder.")
+@click.option(
+    "--all",
+    "all_nodes",
+    is_flag=True,
+    help="Build every node of the inventory (with --role: every node of that role).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("out"),
+    show_default=True,
+    help="Output directory; images go to OUT/<cluster>/.",
+)
+@click.option(
+    "--base",
+    help="Base image: raspios-lite-arm64[-legacy], an https://….img.xz URL, or a local .img/.img.xz (overrides the inventory).",
+)
+@click.option(
+    "--compress",
+    type=click.Choice(["xz", "zstd", "gzip", "none"]),
+    default=None,
+    help="Also write a compressed copy (every core). Default: xz with --all, none otherwise; the raw .img is always kept.",
+)
+@click.option(
+    "--url-base",
+    help="Base URL for the images in os_list.json (Raspberry Pi Imager repository); default: file:// of the output folder.",
+)
 @click.option("--keep-workspace", is_flag=True, help="Keep the temporary workspace for debugging.")
 @common_options
 @handle_errors
-def build(inventory, role, hostname, all_nodes, out_dir, base, compress, url_base, keep_workspace, verbose, quiet):
+def build(
+    inventory,
+    role,
+    hostname,
+    all_nodes,
+    out_dir,
+    base,
+    compress,
+    url_base,
+    keep_workspace,
+    verbose,
+    quiet,
+):
     """Build flashable image(s): `--role compute --hostname node02`, or `--all`."""
     _setup_logging(verbose, quiet)
     from . import build as buildmod
@@ -110,15 +149,29 @@ def build(inventory, role, hostname, all_nodes, out_dir, base, compress, url_bas
     if compress is None:
         compress = "xz" if all_nodes else "none"
     keys = buildmod.preflight(cluster, compress=compress)
-    bp = buildmod.plan(cluster, nodes, keys=keys, out_dir=out_dir, base=base, keep_workspace=keep_workspace,
-                       compress=compress, url_base=url_base)
+    bp = buildmod.plan(
+        cluster,
+        nodes,
+        keys=keys,
+        out_dir=out_dir,
+        base=base,
+        keep_workspace=keep_workspace,
+        compress=compress,
+        url_base=url_base,
+    )
     for path in buildmod.execute(bp):
         click.echo(str(path))
 
 
 @main.command()
-@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), default=Path("."),
-              show_default=True, help="Where to write cluster.yaml and .piimage/secrets/.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("."),
+    show_default=True,
+    help="Where to write cluster.yaml and .piimage/secrets/.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing cluster.yaml.")
 @common_options
 @handle_errors
@@ -147,11 +200,24 @@ def check(inventory, verbose, quiet):
 
 @main.command()
 @inventory_option
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("out"),
-              show_default=True, help="Where the built images are (OUT/<cluster>/<node>.img); logs go to OUT/<cluster>/rehearsal/.")
-@click.option("--nodes", help="Comma-separated nodes to boot (default: every node); must include the head.")
-@click.option("--timeout", type=click.IntRange(min=60), default=1200, show_default=True,
-              help="Seconds to wait for the cluster to boot and become ready.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("out"),
+    show_default=True,
+    help="Where the built images are (OUT/<cluster>/<node>.img); logs go to OUT/<cluster>/rehearsal/.",
+)
+@click.option(
+    "--nodes", help="Comma-separated nodes to boot (default: every node); must include the head."
+)
+@click.option(
+    "--timeout",
+    type=click.IntRange(min=60),
+    default=1200,
+    show_default=True,
+    help="Seconds to wait for the cluster to boot and become ready.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @common_options
 @handle_errors
@@ -172,7 +238,10 @@ def rehearse(inventory, out_dir, nodes, timeout, as_json, verbose, quiet):
     else:
         click.echo(report.text())
     if not report.ok:
-        failed = ", ".join(f"{c.node} {c.name}" for c in report.checks if not c.ok) or "the cluster never came up"
+        failed = (
+            ", ".join(f"{c.node} {c.name}" for c in report.checks if not c.ok)
+            or "the cluster never came up"
+        )
         raise rh.RehearsalFailed(f"rehearsal failed: {failed}")
 
 

@@ -53,6 +53,8 @@ class ChecksumError(BuildError):
 class CommandError(BuildError):
     """An external command failed; detail holds the tail of its output."""
 
-    def __init__(self, message: str, returncode: int, output_tail: str = "", hint: str | None = None):
+    def __init__(
+        self, message: str, returncode: int, output_tail: str = "", hint: str | None = None
+    ):
         super().__init__(message, hint=hint, detail=output_tail or None)
         self.returncode = returncode

@@ -52,7 +52,9 @@ class BaseImage:
     release_date: str | None = None
 
 
-def parse_base_spec(spec: str, sha256: str | None = None, *, relative_to: Path | None = None) -> BaseSpec:
+def parse_base_spec(
+    spec: str, sha256: str | None = None, *, relative_to: Path | None = None
+) -> BaseSpec:
     """Resolve `base:` without any network access (so a typo fails before downloading)."""
     spec = spec.strip()
     if sha256 is not None:
@@ -93,8 +95,10 @@ def _get(url: str, **kw):
     try:
         r = requests.get(url, timeout=TIMEOUT, **kw)
     except requests.RequestException as e:
-        raise BuildError(f"cannot download {url}: {_reason(e)}",
-                         hint="check the network, or set PIIMAGE_MIRROR / use a local base image (--base PATH)") from None
+        raise BuildError(
+            f"cannot download {url}: {_reason(e)}",
+            hint="check the network, or set PIIMAGE_MIRROR / use a local base image (--base PATH)",
+        ) from None
     if r.status_code >= 400:
         r.close()
         raise BuildError(f"cannot download {url}: HTTP {r.status_code} {r.reason}")
@@ -109,7 +113,7 @@ def _reason(e: Exception) -> str:
 
 def _rewrite_mirror(url: str, mirror: str | None) -> str:
     if mirror and url.startswith(settings.DEFAULT_DOWNLOAD_HOST):
-        return mirror.rstrip("/") + "/" + url[len(settings.DEFAULT_DOWNLOAD_HOST):]
+        return mirror.rstrip("/") + "/" + url[len(settings.DEFAULT_DOWNLOAD_HOST) :]
     return url
 
 
@@ -146,7 +150,11 @@ def _sidecar_sha256(url: str, basename: str) -> str:
     r = _get(url + ".sha256")
     for line in r.text.splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[1].lstrip("*").endswith(basename) and SHA256_RE.match(parts[0].lower()):
+        if (
+            len(parts) >= 2
+            and parts[1].lstrip("*").endswith(basename)
+            and SHA256_RE.match(parts[0].lower())
+        ):
             return parts[0].lower()
         if len(parts) == 1 and SHA256_RE.match(parts[0].lower()):
             return parts[0].lower()
@@ -171,15 +179,20 @@ def _download(url: str, expected: str, cache: Path) -> Path:
         total = int(r.headers.get("Content-Length", 0)) + have or None
         requests = _requests()
         try:
-            with open(part, "ab" if have else "wb") as f, progress(f"downloading {basename}", total) as p:
+            with (
+                open(part, "ab" if have else "wb") as f,
+                progress(f"downloading {basename}", total) as p,
+            ):
                 p.update(have)
                 # small reads: data before a broken connection still lands in the partial file
                 for chunk in r.iter_content(NET_CHUNK):
                     f.write(chunk)
                     p.update(len(chunk))
         except requests.RequestException as e:
-            raise BuildError(f"download of {url} broke off: {_reason(e)}",
-                             hint="run the command again: the download resumes where it stopped") from None
+            raise BuildError(
+                f"download of {url} broke off: {_reason(e)}",
+                hint="run the command again: the download resumes where it stopped",
+            ) from None
     with progress(f"verifying {basename}", part.stat().st_size) as p:
         actual = sha256_file(part, p)
     if actual != expected:
@@ -198,7 +211,11 @@ def _decompress(src: Path, dest: Path, expected_raw: str | None) -> None:
     with atomic_path(dest) as tmp:
         h = hashlib.sha256()
         size = src.stat().st_size
-        with lzma.open(src) as fi, open(tmp, "wb") as fo, progress(f"decompressing {src.name}", size) as p:
+        with (
+            lzma.open(src) as fi,
+            open(tmp, "wb") as fo,
+            progress(f"decompressing {src.name}", size) as p,
+        ):
             raw_f = fi._fp if hasattr(fi, "_fp") else None  # compressed position, for progress
             last = 0
             while buf := fi.read(CHUNK):
@@ -213,8 +230,10 @@ def _decompress(src: Path, dest: Path, expected_raw: str | None) -> None:
                     last = pos
             fo.truncate()
         if expected_raw and h.hexdigest() != expected_raw:
-            raise ChecksumError(f"{src.name}: decompressed image has sha256 {h.hexdigest()}, "
-                                f"the image list says {expected_raw}")
+            raise ChecksumError(
+                f"{src.name}: decompressed image has sha256 {h.hexdigest()}, "
+                f"the image list says {expected_raw}"
+            )
 
 
 def _local_digest(path: Path, cache: Path) -> str:
@@ -232,8 +251,13 @@ def _local_digest(path: Path, cache: Path) -> str:
     return known[key]
 
 
-def fetch_base(spec: BaseSpec, *, cache: Path | None = None, os_list_url: str | None = None,
-               mirror: str | None = None) -> BaseImage:
+def fetch_base(
+    spec: BaseSpec,
+    *,
+    cache: Path | None = None,
+    os_list_url: str | None = None,
+    mirror: str | None = None,
+) -> BaseImage:
     cache = cache or settings.cache_dir()
     mirror = mirror if mirror is not None else settings.mirror()
     release = None
@@ -272,8 +296,12 @@ def fetch_base(spec: BaseSpec, *, cache: Path | None = None, os_list_url: str | 
             _decompress(downloaded, raw, extract_sha)
         else:
             os.replace(downloaded, raw)
-        write_atomic(entry / "info.json", json.dumps({"name": name, "source": url, "sha256": expected,
-                                                      "release_date": release}, indent=2))
+        write_atomic(
+            entry / "info.json",
+            json.dumps(
+                {"name": name, "source": url, "sha256": expected, "release_date": release}, indent=2
+            ),
+        )
     else:
         log.info("base image %s: cached", name)
     return BaseImage(name, url, expected, raw, raw.stat().st_size, release)

@@ -88,13 +88,18 @@ def guest_kernel(suite: str, *, mirror: str | None = None) -> GuestKernel:
             return _kernel(root, suite, info["version"])
     require_tools(["apt-get", "dpkg-deb", "depmod", "modprobe", "mkfs.ext4"])
     if not KEYRING.is_file():
-        raise BuildError(f"{KEYRING} is missing: cannot verify Debian's packages",
-                         hint="sudo apt-get install debian-archive-keyring")
+        raise BuildError(
+            f"{KEYRING} is missing: cannot verify Debian's packages",
+            hint="sudo apt-get install debian-archive-keyring",
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".kernel-{suite}-", dir=root.parent))
     try:
         version = _make(work, suite, mirror or debian_mirror())
-        write_atomic(work / "kernel.json", json.dumps({"format": FORMAT, "suite": suite, "version": version}) + "\n")
+        write_atomic(
+            work / "kernel.json",
+            json.dumps({"format": FORMAT, "suite": suite, "version": version}) + "\n",
+        )
         if root.exists():
             shutil.rmtree(root)
         work.rename(root)
@@ -113,32 +118,52 @@ def _make(work: Path, suite: str, mirror: str) -> str:
     run(["apt-get", "update", "-q"], env=apt_env, what=f"apt-get update (Debian {suite} arm64)")
     lists = list((work / "apt" / "lists").glob("*Packages*"))
     if not lists:
-        raise BuildError(f"apt-get could not fetch Debian {suite}'s package list from {mirror}",
-                         hint="check the mirror ($PIIMAGE_DEBIAN_MIRROR) and the network")
-    deps = run(["apt-cache", "depends", "linux-image-arm64"], env=apt_env, what="apt-cache depends").stdout
-    pkg = next((line.split(":", 1)[1].strip() for line in deps.splitlines()
-                if line.strip().startswith("Depends:") and "linux-image-" in line), None)
+        raise BuildError(
+            f"apt-get could not fetch Debian {suite}'s package list from {mirror}",
+            hint="check the mirror ($PIIMAGE_DEBIAN_MIRROR) and the network",
+        )
+    deps = run(
+        ["apt-cache", "depends", "linux-image-arm64"], env=apt_env, what="apt-cache depends"
+    ).stdout
+    pkg = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in deps.splitlines()
+            if line.strip().startswith("Depends:") and "linux-image-" in line
+        ),
+        None,
+    )
     if not pkg:
-        raise BuildError(f"Debian {suite} has no arm64 kernel package (linux-image-arm64 depends on nothing)")
+        raise BuildError(
+            f"Debian {suite} has no arm64 kernel package (linux-image-arm64 depends on nothing)"
+        )
     debs = work / "debs"
     debs.mkdir()
-    run(["apt-get", "download", "-q", pkg, "busybox-static"], env=apt_env, cwd=debs,
-        what=f"apt-get download {pkg} busybox-static")
+    run(
+        ["apt-get", "download", "-q", pkg, "busybox-static"],
+        env=apt_env,
+        cwd=debs,
+        what=f"apt-get download {pkg} busybox-static",
+    )
     tree = work / "tree"
     for deb in sorted(debs.glob("*.deb")):
         run(["dpkg-deb", "-x", deb, tree], what=f"unpacking {deb.name}")
-    mods_parent = next((p for p in (tree / "usr/lib/modules", tree / "lib/modules") if p.is_dir()), None)
+    mods_parent = next(
+        (p for p in (tree / "usr/lib/modules", tree / "lib/modules") if p.is_dir()), None
+    )
     vmlinuz = next(iter(sorted((tree / "boot").glob("vmlinuz-*"))), None)
     if mods_parent is None or vmlinuz is None:
         raise BuildError(f"{pkg} has no kernel or modules where expected")
-    version = vmlinuz.name[len("vmlinuz-"):]
+    version = vmlinuz.name[len("vmlinuz-") :]
     # depmod and modprobe -d want <base>/lib/modules/<version>
     base = work / "base"
     (base / "lib").mkdir(parents=True)
     (base / "lib" / "modules").symlink_to(mods_parent)
     run(["depmod", "-b", base, version], what="depmod")
     shutil.copyfile(vmlinuz, work / "vmlinuz")
-    busybox = next((p for p in (tree / "usr/bin/busybox", tree / "bin/busybox") if p.is_file()), None)
+    busybox = next(
+        (p for p in (tree / "usr/bin/busybox", tree / "bin/busybox") if p.is_file()), None
+    )
     if busybox is None:
         raise BuildError("busybox-static has no busybox binary where expected")
     _make_initrd(work / "initrd.img", busybox, base, version)
@@ -151,30 +176,41 @@ def _make(work: Path, suite: str, mirror: str) -> str:
 
 def _private_apt(root: Path, suite: str, mirror: str) -> dict[str, str]:
     """An APT_CONFIG with its own state, cache and sources: the host's apt is never touched."""
-    for d in ("lists/partial", "archives/partial", "etc/sources.list.d", "etc/preferences.d", "etc/trusted.gpg.d"):
+    for d in (
+        "lists/partial",
+        "archives/partial",
+        "etc/sources.list.d",
+        "etc/preferences.d",
+        "etc/trusted.gpg.d",
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "status").touch()
     (root / "etc" / "sources.list").write_text(
-        f"deb [arch=arm64 signed-by={KEYRING}] {mirror.rstrip('/')} {suite} main\n")
+        f"deb [arch=arm64 signed-by={KEYRING}] {mirror.rstrip('/')} {suite} main\n"
+    )
     conf = root / "apt.conf"
-    conf.write_text("\n".join([
-        'APT::Architecture "arm64";',
-        'APT::Architectures { "arm64"; };',
-        'APT::Sandbox::User "root";',
-        f'Dir::State "{root}";',
-        f'Dir::State::Lists "{root}/lists";',
-        f'Dir::State::status "{root}/status";',
-        f'Dir::Cache "{root}";',
-        f'Dir::Cache::Archives "{root}/archives";',
-        f'Dir::Etc::SourceList "{root}/etc/sources.list";',
-        f'Dir::Etc::SourceParts "{root}/etc/sources.list.d";',
-        f'Dir::Etc::Preferences "{root}/etc/preferences";',
-        f'Dir::Etc::PreferencesParts "{root}/etc/preferences.d";',
-        f'Dir::Etc::Trusted "{root}/etc/trusted.gpg";',
-        f'Dir::Etc::TrustedParts "{root}/etc/trusted.gpg.d";',
-        'Acquire::Languages "none";',
-        "",
-    ]))
+    conf.write_text(
+        "\n".join(
+            [
+                'APT::Architecture "arm64";',
+                'APT::Architectures { "arm64"; };',
+                'APT::Sandbox::User "root";',
+                f'Dir::State "{root}";',
+                f'Dir::State::Lists "{root}/lists";',
+                f'Dir::State::status "{root}/status";',
+                f'Dir::Cache "{root}";',
+                f'Dir::Cache::Archives "{root}/archives";',
+                f'Dir::Etc::SourceList "{root}/etc/sources.list";',
+                f'Dir::Etc::SourceParts "{root}/etc/sources.list.d";',
+                f'Dir::Etc::Preferences "{root}/etc/preferences";',
+                f'Dir::Etc::PreferencesParts "{root}/etc/preferences.d";',
+                f'Dir::Etc::Trusted "{root}/etc/trusted.gpg";',
+                f'Dir::Etc::TrustedParts "{root}/etc/trusted.gpg.d";',
+                'Acquire::Languages "none";',
+                "",
+            ]
+        )
+    )
     return {"APT_CONFIG": str(conf), "DEBIAN_FRONTEND": "noninteractive"}
 
 
@@ -182,8 +218,10 @@ def _initrd_modules(base: Path, version: str) -> list[Path]:
     """INITRD_MODULES and what they depend on, in load order, without duplicates."""
     out: list[Path] = []
     for name in INITRD_MODULES:
-        deps = run(["modprobe", "-d", base, "-S", version, "--show-depends", name],
-                   what=f"modprobe --show-depends {name}").stdout
+        deps = run(
+            ["modprobe", "-d", base, "-S", version, "--show-depends", name],
+            what=f"modprobe --show-depends {name}",
+        ).stdout
         for line in deps.splitlines():
             parts = line.split()
             if len(parts) >= 2 and parts[0] == "insmod":
@@ -243,6 +281,8 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
 def _make_modules_disk(dest: Path, mods_parent: Path) -> None:
     size = sum(p.stat().st_size for p in mods_parent.rglob("*") if p.is_file())
     size_mb = size * 13 // 10 // (1 << 20) + 64
-    run(["mkfs.ext4", "-q", "-F", "-L", "piimage-mods", "-d", mods_parent, dest, f"{size_mb}M"],
-        what="mkfs.ext4 (rehearsal modules disk)")
+    run(
+        ["mkfs.ext4", "-q", "-F", "-L", "piimage-mods", "-d", mods_parent, dest, f"{size_mb}M"],
+        what="mkfs.ext4 (rehearsal modules disk)",
+    )
     os.chmod(dest, 0o444)

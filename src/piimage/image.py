@@ -70,7 +70,7 @@ class GuestSession:
         self.g = None
         self.partitions: list[str] = []
 
-    def __enter__(self) -> "GuestSession":
+    def __enter__(self) -> GuestSession:
         guestfs = _import_guestfs()
         for k, v in guestfs_env().items():
             os.environ.setdefault(k, v)
@@ -85,13 +85,20 @@ class GuestSession:
                 # writeback (not unsafe): a guest sync flushes to the file, so a finished
                 # overlay can be read by qemu-img while the appliance works on the others
                 g.add_drive_opts(str(d), format=fmt, readonly=self.readonly, cachemode="writeback")
-            log.info("starting the libguestfs appliance (%d disk%s) …", len(self.drives), "s" if len(self.drives) != 1 else "")
+            log.info(
+                "starting the libguestfs appliance (%d disk%s) …",
+                len(self.drives),
+                "s" if len(self.drives) != 1 else "",
+            )
             g.launch()
             self.partitions = list(g.list_partitions())
         except RuntimeError as e:
             self._close()
-            raise BuildError(f"libguestfs could not start: {e}", hint="run with -v for details; "
-                             "LIBGUESTFS_DEBUG=1 LIBGUESTFS_TRACE=1 show the appliance log") from None
+            raise BuildError(
+                f"libguestfs could not start: {e}",
+                hint="run with -v for details; "
+                "LIBGUESTFS_DEBUG=1 LIBGUESTFS_TRACE=1 show the appliance log",
+            ) from None
         except BaseException:
             self._close()
             raise
@@ -117,7 +124,7 @@ class GuestSession:
                 raise BuildError(f"libguestfs failed while finishing: {e}") from None
         self._close()
 
-    def disks(self) -> list["Disk"]:
+    def disks(self) -> list[Disk]:
         assert self.g is not None
         devices = self.g.list_devices()
         return [Disk(self, dev, path) for dev, path in zip(devices, self.drives)]
@@ -149,7 +156,9 @@ class Disk:
         """Raspberry Pi OS layout: MBR, p1 FAT (boot), p2 ext4 (root)."""
         ptype = self.g.part_get_parttype(self.device)
         if ptype != "msdos":
-            raise BuildError(f"{self.path}: partition table is {ptype}, expected MBR (msdos) as on Raspberry Pi OS")
+            raise BuildError(
+                f"{self.path}: partition table is {ptype}, expected MBR (msdos) as on Raspberry Pi OS"
+            )
         p1, p2 = self.partition(1), self.partition(2)
         t1, t2 = self.g.vfs_type(p1), self.g.vfs_type(p2)
         if t1 != "vfat" or t2 != "ext4":
@@ -247,6 +256,8 @@ class Disk:
     def unit_path(self, unit: str) -> str | None:
         for d in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"):
             p = f"{d}/{unit}"
-            if self._lexists(p) and not (self.g.is_symlink(p) and self.g.readlink(p) == "/dev/null"):
+            if self._lexists(p) and not (
+                self.g.is_symlink(p) and self.g.readlink(p) == "/dev/null"
+            ):
                 return p
         return None

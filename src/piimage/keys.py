@@ -32,8 +32,10 @@ def munge_key(secrets_dir: Path) -> bytes:
         write_atomic(path, os.urandom(MUNGE_KEY_BYTES), mode=0o600)
     data = path.read_bytes()
     if len(data) < 32:
-        raise BuildError(f"{path}: munge key is {len(data)} bytes; munge needs at least 32",
-                         hint="delete it to have a new one made")
+        raise BuildError(
+            f"{path}: munge key is {len(data)} bytes; munge needs at least 32",
+            hint="delete it to have a new one made",
+        )
     return data
 
 
@@ -47,16 +49,20 @@ def _keypair(secrets_dir: Path, rel: str, comment: str) -> KeyPair:
             d = ensure_secrets_dir(d / part)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".keygen-") as td:
             tmp = Path(td) / "key"
-            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(tmp)],
-                what="ssh-keygen")
+            run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(tmp)],
+                what="ssh-keygen",
+            )
             os.chmod(tmp, 0o600)
             os.replace(tmp.with_name("key.pub"), pub_path)
             os.replace(tmp, path)
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)
     if not pub_path.exists():
-        raise BuildError(f"{pub_path} is missing beside its private key",
-                         hint=f"delete {path} to have a new pair made")
+        raise BuildError(
+            f"{pub_path} is missing beside its private key",
+            hint=f"delete {path} to have a new pair made",
+        )
     fields = pub_path.read_text().split()
     return KeyPair(path.read_bytes(), " ".join(fields[:2]))
 

@@ -65,11 +65,20 @@ def _stage_digests(stages: list[Stage], role: str) -> tuple[tuple[str, str], ...
 
 
 def inputs_for(profile: Profile, stages: list[Stage], base_sha256: str) -> LayerInputs:
-    role_stage_packages = [p for st in stages if st.scope == "role" and st.applies_to(profile.role)
-                           for p in st.packages]
+    role_stage_packages = [
+        p
+        for st in stages
+        if st.scope == "role" and st.applies_to(profile.role)
+        for p in st.packages
+    ]
     packages = tuple(dict.fromkeys([*profile.packages, *role_stage_packages]))
-    return LayerInputs(profile.role, base_sha256, packages, profile.headroom_mb,
-                       _stage_digests(stages, profile.role))
+    return LayerInputs(
+        profile.role,
+        base_sha256,
+        packages,
+        profile.headroom_mb,
+        _stage_digests(stages, profile.role),
+    )
 
 
 def layer_dir() -> Path:
@@ -80,8 +89,14 @@ def layer_path(inputs: LayerInputs) -> Path:
     return layer_dir() / f"{inputs.role}-{inputs.key()[:16]}.img"
 
 
-def ensure_layers(base: BaseImage, wanted: dict[str, LayerInputs], stages: list[Stage], *,
-                  apt_proxy: str | None = None, apt_mirror: str | None = None) -> dict[str, Path]:
+def ensure_layers(
+    base: BaseImage,
+    wanted: dict[str, LayerInputs],
+    stages: list[Stage],
+    *,
+    apt_proxy: str | None = None,
+    apt_mirror: str | None = None,
+) -> dict[str, Path]:
     """The layers for these inputs (by key), from the cache or built now. Layers still to be
     built are built side by side, one per core: apt under user emulation runs one emulated
     dpkg at a time, so a head and a compute layer take the time of the longer one. If one
@@ -92,12 +107,24 @@ def ensure_layers(base: BaseImage, wanted: dict[str, LayerInputs], stages: list[
     todo = [k for k in wanted if k not in out]
     if len(todo) <= 1:
         for k in todo:
-            out[k] = ensure_layer(base, wanted[k], stages, apt_proxy=apt_proxy, apt_mirror=apt_mirror)
+            out[k] = ensure_layer(
+                base, wanted[k], stages, apt_proxy=apt_proxy, apt_mirror=apt_mirror
+            )
         return out
     workers = max(1, min(len(todo), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
-        futures = {pool.submit(ensure_layer, base, wanted[k], stages, apt_proxy=apt_proxy,
-                               apt_mirror=apt_mirror, private_apt=True): k for k in todo}
+        futures = {
+            pool.submit(
+                ensure_layer,
+                base,
+                wanted[k],
+                stages,
+                apt_proxy=apt_proxy,
+                apt_mirror=apt_mirror,
+                private_apt=True,
+            ): k
+            for k in todo
+        }
         try:
             for f in as_completed(futures):
                 out[futures[f]] = f.result()
@@ -111,9 +138,15 @@ def ensure_layers(base: BaseImage, wanted: dict[str, LayerInputs], stages: list[
     return out
 
 
-def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *,
-                 apt_proxy: str | None = None, apt_mirror: str | None = None,
-                 private_apt: bool = False) -> Path:
+def ensure_layer(
+    base: BaseImage,
+    inputs: LayerInputs,
+    stages: list[Stage],
+    *,
+    apt_proxy: str | None = None,
+    apt_mirror: str | None = None,
+    private_apt: bool = False,
+) -> Path:
     """The cached layer for these inputs, building it if needed (whole or nothing). With
     `private_apt`, apt works in a copy (hard links) of the shared archive cache, so builds
     side by side do not fight over its lock; new downloads are linked back afterwards."""
@@ -122,14 +155,17 @@ def ensure_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], *,
         log.info("role layer %s: cached (%s)", inputs.role, final.name)
         return final
     t0 = time.monotonic()
-    log.info("role layer %s: building (packages: %s)", inputs.role,
-             " ".join(inputs.packages) or "none")
+    log.info(
+        "role layer %s: building (packages: %s)", inputs.role, " ".join(inputs.packages) or "none"
+    )
     emulate.check_host()
     final.parent.mkdir(parents=True, exist_ok=True)
     shared_cache = settings.apt_cache_dir() / "arm64"
     shared_cache.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        apt_cache = stack.enter_context(_private_archives(shared_cache)) if private_apt else shared_cache
+        apt_cache = (
+            stack.enter_context(_private_archives(shared_cache)) if private_apt else shared_cache
+        )
         _build_layer(base, inputs, stages, final, apt_cache, apt_proxy, apt_mirror)
     log.info("role layer %s: built in %.0f s", inputs.role, time.monotonic() - t0)
     return final
@@ -154,16 +190,24 @@ def _private_archives(shared: Path) -> Iterator[Path]:
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _build_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], final: Path, apt_cache: Path,
-                 apt_proxy: str | None, apt_mirror: str | None) -> None:
+def _build_layer(
+    base: BaseImage,
+    inputs: LayerInputs,
+    stages: list[Stage],
+    final: Path,
+    apt_cache: Path,
+    apt_proxy: str | None,
+    apt_mirror: str | None,
+) -> None:
     t0 = time.monotonic()
     with atomic_path(final) as tmp:
         # A sparse copy: the base's holes stay holes.
         run(["cp", "--sparse=always", str(base.path), str(tmp)], what="copying the base image")
         if inputs.headroom_mb:
             disk.grow_image(tmp, inputs.headroom_mb * 1024 * 1024)
-        with emulate.Chroot(tmp, apt_cache=apt_cache, apt_proxy=apt_proxy,
-                            apt_mirror=apt_mirror) as ch:
+        with emulate.Chroot(
+            tmp, apt_cache=apt_cache, apt_proxy=apt_proxy, apt_mirror=apt_mirror
+        ) as ch:
             if inputs.packages:
                 ch.apt_install(list(inputs.packages))
             for st in stages:
@@ -175,12 +219,20 @@ def _build_layer(base: BaseImage, inputs: LayerInputs, stages: list[Stage], fina
             # the headroom was for apt; what is left of it is not flashed (first boot grows
             # the root)
             disk.shrink_image(tmp, FREE_AFTER_PACKAGES)
-    write_atomic(final.with_suffix(".json"), json.dumps(
-        {"role": inputs.role, "key": inputs.key(), "packages": list(inputs.packages),
-         "base_sha256": inputs.base_sha256,
-         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-         "seconds": round(time.monotonic() - t0, 1)},
-        indent=2))
+    write_atomic(
+        final.with_suffix(".json"),
+        json.dumps(
+            {
+                "role": inputs.role,
+                "key": inputs.key(),
+                "packages": list(inputs.packages),
+                "base_sha256": inputs.base_sha256,
+                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": round(time.monotonic() - t0, 1),
+            },
+            indent=2,
+        ),
+    )
 
 
 def _copy_role_files(root: Path, st: Stage) -> None:
@@ -197,4 +249,3 @@ def _copy_role_files(root: Path, st: Stage) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, dest)
             os.chown(dest, 0, 0)
-

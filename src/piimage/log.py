@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 log = logging.getLogger("piimage")
 
@@ -19,7 +19,9 @@ def setup(verbosity: int) -> None:
     _quiet = verbosity < 0
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s" if verbosity <= 0 else "%(asctime)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(message)s" if verbosity <= 0 else "%(asctime)s %(name)s: %(message)s")
+    )
     root = logging.getLogger("piimage")
     root.handlers[:] = [handler]
     root.setLevel(level)

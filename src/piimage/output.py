@@ -33,8 +33,11 @@ def convert_to_raw(src: Path, dest: Path, label: str) -> None:
 
         # qemu-img -p redraws with \r; run() splits on \n, so ask for line-wise output.
         # -U: the appliance may still hold the overlay open (it is done with this one)
-        run(["qemu-img", "convert", "-U", "-p", "-f", fmt, "-O", "raw", str(src), str(dest)],
-            what=f"qemu-img convert to {dest.name}", on_line=on_line)
+        run(
+            ["qemu-img", "convert", "-U", "-p", "-f", fmt, "-O", "raw", str(src), str(dest)],
+            what=f"qemu-img convert to {dest.name}",
+            on_line=on_line,
+        )
 
 
 def checksum_line(digest: str, name: str) -> str:
@@ -89,7 +92,10 @@ def write_bmap(image: Path) -> Path:
     """A block map (bmaptool) so `bmaptool copy` writes only the mapped blocks."""
     final = image.with_name(image.name + ".bmap")
     with atomic_path(final) as tmp:
-        run(["bmaptool", "create", "-o", str(tmp), str(image)], what=f"bmaptool create for {image.name}")
+        run(
+            ["bmaptool", "create", "-o", str(tmp), str(image)],
+            what=f"bmaptool create for {image.name}",
+        )
         os.chmod(tmp, 0o644)
     return final
 
@@ -97,7 +103,9 @@ def write_bmap(image: Path) -> Path:
 IMAGER_DEVICES = ["pi5-64bit", "pi4-64bit", "pi3-64bit"]
 
 
-def write_imager_repo(out: Path, cluster_name: str, nodes: dict[str, dict[str, Any]], url_base: str | None) -> Path:
+def write_imager_repo(
+    out: Path, cluster_name: str, nodes: dict[str, dict[str, Any]], url_base: str | None
+) -> Path:
     """An os_list for Raspberry Pi Imager (`rpi-imager --repo out/<cluster>/os_list.json`), one
     entry per node image present. init_format is "none": the identity is baked in, and Imager
     offers its own customisation only for the formats it knows (systemd, cloudinit…), which
@@ -107,21 +115,30 @@ def write_imager_repo(out: Path, cluster_name: str, nodes: dict[str, dict[str, A
         img = out / info["image"]
         if not img.exists():
             continue
-        dl = next((img.with_name(img.name + s) for s in (".xz", ".zst", ".gz") if img.with_name(img.name + s).exists()), img)
+        dl = next(
+            (
+                img.with_name(img.name + s)
+                for s in (".xz", ".zst", ".gz")
+                if img.with_name(img.name + s).exists()
+            ),
+            img,
+        )
         dl_sha = _sidecar_digest(dl) or sha256_file(dl)
         base = url_base if url_base is not None else out.resolve().as_uri() + "/"
-        items.append({
-            "name": f"{cluster_name}: {host} ({info['role']})",
-            "description": f"piimage node image for {host} of cluster {cluster_name}: identity, network and services baked in.",
-            "url": base + dl.name,
-            "extract_size": img.stat().st_size,
-            "extract_sha256": info["sha256"],
-            "image_download_size": dl.stat().st_size,
-            "image_download_sha256": dl_sha,
-            "release_date": info.get("release_date", ""),
-            "devices": IMAGER_DEVICES,
-            "init_format": "none",
-        })
+        items.append(
+            {
+                "name": f"{cluster_name}: {host} ({info['role']})",
+                "description": f"piimage node image for {host} of cluster {cluster_name}: identity, network and services baked in.",
+                "url": base + dl.name,
+                "extract_size": img.stat().st_size,
+                "extract_sha256": info["sha256"],
+                "image_download_size": dl.stat().st_size,
+                "image_download_sha256": dl_sha,
+                "release_date": info.get("release_date", ""),
+                "devices": IMAGER_DEVICES,
+                "init_format": "none",
+            }
+        )
     path = out / "os_list.json"
     write_atomic(path, json.dumps({"os_list": items}, indent=2) + "\n")
     return path
@@ -148,7 +165,9 @@ def write_sha256sums(out: Path) -> Path:
     return path
 
 
-def update_manifest(path: Path, cluster: dict[str, Any], base: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def update_manifest(
+    path: Path, cluster: dict[str, Any], base: dict[str, Any], nodes: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """manifest.json lists every node image in the folder; a build of some nodes updates their
     entries and keeps the others."""
     old: dict[str, Any] = {}
@@ -157,7 +176,11 @@ def update_manifest(path: Path, cluster: dict[str, Any], base: dict[str, Any], n
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
-    merged_nodes = dict(old.get("nodes", {})) if old.get("cluster", {}).get("name") == cluster.get("name") else {}
+    merged_nodes = (
+        dict(old.get("nodes", {}))
+        if old.get("cluster", {}).get("name") == cluster.get("name")
+        else {}
+    )
     merged_nodes.update(nodes)
     doc = {
         "piimage_version": __version__,

@@ -93,8 +93,11 @@ def load_profile(path: Path) -> Profile:
     top = ck.doc.value if isinstance(ck.doc.value, dict) else {}
     if "stages" in top:
         # a stage says which roles it serves (`roles:` in its stage.yaml); one way, not two
-        ck.add(("stages",), "not supported in a node profile; list the role under `roles:` in "
-               "the stage's stage.yaml instead")
+        ck.add(
+            ("stages",),
+            "not supported in a node profile; list the role under `roles:` in "
+            "the stage's stage.yaml instead",
+        )
     doc = ck.mapping({k: v for k, v in top.items() if k != "stages"}, (), PROFILE_KEYS)
     packages = doc.get("packages") or []
     if not isinstance(packages, list):
@@ -114,8 +117,9 @@ def load_profile(path: Path) -> Profile:
         headroom = 0
     if ck.problems:
         problems = ck.problems
-        raise UserError(f"{len(problems)} problem(s) in node profile {path.name}",
-                        detail="\n".join(problems))
+        raise UserError(
+            f"{len(problems)} problem(s) in node profile {path.name}", detail="\n".join(problems)
+        )
     return Profile(
         role=role,
         path=path,

@@ -105,7 +105,9 @@ Environment=NM_ONLINE_TIMEOUT={EMULATION_TIMEOUT_S}
 # Console lines that explain a boot gone wrong (emergency mode, failed or timed-out units).
 _CONSOLE_TROUBLE = re.compile(
     r"Timed out waiting for|Dependency failed for|Failed to (start|mount)|emergency mode|"
-    r"\bFAILED\b|Kernel panic|Give root password|You are in emergency mode", re.IGNORECASE)
+    r"\bFAILED\b|Kernel panic|Give root password|You are in emergency mode",
+    re.IGNORECASE,
+)
 
 MPI_PROGRAM = """\
 from mpi4py import MPI
@@ -144,7 +146,7 @@ class Hub:
         self.frames = 0
         self._thread = threading.Thread(target=self._serve, name="rehearsal-hub", daemon=True)
 
-    def __enter__(self) -> "Hub":
+    def __enter__(self) -> Hub:
         self._sel.register(self.listener, selectors.EVENT_READ)
         self._thread.start()
         return self
@@ -317,16 +319,25 @@ class Report:
     def text(self) -> str:
         lines = [f"rehearsal of {self.cluster}: {', '.join(self.nodes)} (kernel {self.kernel})"]
         for n, s in self.boot_seconds.items():
-            lines.append(f"  {n:<12} booted in {s:.0f} s" if s is not None else f"  {n:<12} did not boot")
-        lines.append(f"  cluster ready after {self.ready_seconds:.0f} s" if self.ready_seconds is not None
-                     else "  cluster never became ready")
+            lines.append(
+                f"  {n:<12} booted in {s:.0f} s" if s is not None else f"  {n:<12} did not boot"
+            )
+        lines.append(
+            f"  cluster ready after {self.ready_seconds:.0f} s"
+            if self.ready_seconds is not None
+            else "  cluster never became ready"
+        )
         for c in self.checks:
             lines.append(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<9} {c.node:<12} {c.summary}")
             if not c.ok and c.output.strip():
                 lines.extend("        | " + ln for ln in c.output.strip().splitlines()[-12:])
         lines.append(f"  consoles and report: {self.logs}")
-        lines.append("rehearsal passed" if self.ok else
-                     "rehearsal FAILED: " + "; ".join(f"{c.node}: {c.name}" for c in self.checks if not c.ok))
+        lines.append(
+            "rehearsal passed"
+            if self.ok
+            else "rehearsal FAILED: "
+            + "; ".join(f"{c.node}: {c.name}" for c in self.checks if not c.ok)
+        )
         return "\n".join(lines)
 
 
@@ -351,6 +362,7 @@ def _overlay_tar() -> bytes:
     (EMULATION_TIMEOUT_S)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+
         def add(path: str, data: bytes | None, mode: int, link: str | None = None) -> None:
             ti = tarfile.TarInfo(path.lstrip("/"))
             ti.uid = ti.gid = 0
@@ -366,8 +378,12 @@ def _overlay_tar() -> bytes:
 
         add(AGENT_PATH, AGENT_SCRIPT.encode(), 0o755)
         add(f"/etc/systemd/system/{AGENT_UNIT}", AGENT_SERVICE.encode(), 0o644)
-        add(f"/etc/systemd/system/sysinit.target.wants/{AGENT_UNIT}", None, 0o777,
-            link=f"/etc/systemd/system/{AGENT_UNIT}")
+        add(
+            f"/etc/systemd/system/sysinit.target.wants/{AGENT_UNIT}",
+            None,
+            0o777,
+            link=f"/etc/systemd/system/{AGENT_UNIT}",
+        )
         add(SYSTEMD_TIMEOUTS_PATH, SYSTEMD_TIMEOUTS.encode(), 0o644)
         add(NM_WAIT_PATH, NM_WAIT.encode(), 0o644)
     return buf.getvalue()
@@ -393,15 +409,20 @@ class Rehearsal:
     def check_inputs(self) -> None:
         require_tools(["qemu-system-aarch64", "qemu-img"])
         if self.head is None:
-            raise UserError("rehearse needs the head node (slurmctld, NFS server) among --nodes",
-                            hint=f"add {self.cluster.head.hostname if self.cluster.head else 'the head'} to --nodes")
+            raise UserError(
+                "rehearse needs the head node (slurmctld, NFS server) among --nodes",
+                hint=f"add {self.cluster.head.hostname if self.cluster.head else 'the head'} to --nodes",
+            )
         if not self.compute:
             raise UserError("rehearse needs at least one node that runs jobs among --nodes")
-        missing = [n.hostname for n in self.nodes if not (self.images / f"{n.hostname}.img").is_file()]
+        missing = [
+            n.hostname for n in self.nodes if not (self.images / f"{n.hostname}.img").is_file()
+        ]
         if missing:
             raise UserError(
                 f"no built image for {', '.join(missing)} in {self.images}/",
-                hint="build them first: piimage build --all (rehearse boots the .img files of --out)")
+                hint="build them first: piimage build --all (rehearse boots the .img files of --out)",
+            )
 
     def prepare(self, run_dir: Path) -> None:
         """Overlays for every node (the agent added), the kernel for their release."""
@@ -412,18 +433,25 @@ class Rehearsal:
         budget = int(_host_available_mb() * 0.8)
         if sum(want.values()) > budget:
             scale = budget / sum(want.values())
-            log.warning("the host has %d MiB to spare: giving each node %.0f%% of its board's memory "
-                        "(SLURM may then find less memory than slurm.conf says)", budget, scale * 100)
+            log.warning(
+                "the host has %d MiB to spare: giving each node %.0f%% of its board's memory "
+                "(SLURM may then find less memory than slurm.conf says)",
+                budget,
+                scale * 100,
+            )
             want = {k: max(512, int(v * scale)) for k, v in want.items()}
         for n in self.nodes:
             img = (self.images / f"{n.hostname}.img").resolve()
             ov = run_dir / f"{n.hostname}.qcow2"
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img, ov],
-                what=f"qemu-img create (overlay for {n.hostname})")
+            run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img, ov],
+                what=f"qemu-img create (overlay for {n.hostname})",
+            )
             console = self.logs / f"{n.hostname}.console.log"
             console.unlink(missing_ok=True)
-            self.states[n.hostname] = NodeState(n, img, ov, console, Agent(run_dir / f"{n.hostname}.agent"),
-                                                want[n.hostname])
+            self.states[n.hostname] = NodeState(
+                n, img, ov, console, Agent(run_dir / f"{n.hostname}.agent"), want[n.hostname]
+            )
         tar = _overlay_tar()
         suites = set()
         with GuestSession([s.overlay for s in self.states.values()]) as gs:
@@ -432,13 +460,17 @@ class Rehearsal:
                 osr = disk.read_text("/etc/os-release")
                 m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", osr, re.MULTILINE)
                 if not m:
-                    raise BuildError(f"{st.image}: /etc/os-release names no release (VERSION_CODENAME)")
+                    raise BuildError(
+                        f"{st.image}: /etc/os-release names no release (VERSION_CODENAME)"
+                    )
                 suites.add(m.group(1))
                 disk.tar_in(tar)
                 disk.umount()
         if len(suites) != 1:
-            raise UserError(f"the images are of different releases ({', '.join(sorted(suites))}); "
-                            "rebuild them from one base")
+            raise UserError(
+                f"the images are of different releases ({', '.join(sorted(suites))}); "
+                "rebuild them from one base"
+            )
         self.kernel = guest_kernel(suites.pop())
 
     def qemu_command(self, st: NodeState, hub_port: int, index: int) -> list[str]:
@@ -446,22 +478,51 @@ class Rehearsal:
         cpus = st.node.hardware.cpus
         mac = f"52:54:00:5e:{index // 256:02x}:{index % 256:02x}"
         return [
-            "qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", str(cpus),
-            "-m", str(st.memory_mb), "-accel", "tcg,thread=multi",
-            "-nodefaults", "-display", "none", "-no-reboot",
-            "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.kernel.initrd),
-            "-append", "console=ttyAMA0 root=/dev/vda2 rw net.ifnames=0 panic=10",
-            "-drive", f"file={st.overlay},format=qcow2,if=none,id=root,cache=unsafe",
-            "-device", "virtio-blk-pci,drive=root",
-            "-drive", f"file={self.kernel.modules_disk},format=raw,if=none,id=mods,readonly=on",
-            "-device", "virtio-blk-pci,drive=mods",
-            "-netdev", f"socket,id=net0,connect=127.0.0.1:{hub_port}",
-            "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
-            "-device", "virtio-serial-pci",
-            "-chardev", f"socket,id=agent,path={st.agent.path},server=on,wait=off",
-            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
-            "-serial", f"file:{st.console}",
-            "-object", "rng-random,filename=/dev/urandom,id=rng0", "-device", "virtio-rng-pci,rng=rng0",
+            "qemu-system-aarch64",
+            "-M",
+            "virt",
+            "-cpu",
+            "cortex-a72",
+            "-smp",
+            str(cpus),
+            "-m",
+            str(st.memory_mb),
+            "-accel",
+            "tcg,thread=multi",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(self.kernel.vmlinuz),
+            "-initrd",
+            str(self.kernel.initrd),
+            "-append",
+            "console=ttyAMA0 root=/dev/vda2 rw net.ifnames=0 panic=10",
+            "-drive",
+            f"file={st.overlay},format=qcow2,if=none,id=root,cache=unsafe",
+            "-device",
+            "virtio-blk-pci,drive=root",
+            "-drive",
+            f"file={self.kernel.modules_disk},format=raw,if=none,id=mods,readonly=on",
+            "-device",
+            "virtio-blk-pci,drive=mods",
+            "-netdev",
+            f"socket,id=net0,connect=127.0.0.1:{hub_port}",
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={mac}",
+            "-device",
+            "virtio-serial-pci",
+            "-chardev",
+            f"socket,id=agent,path={st.agent.path},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=agent,name={AGENT_PORT}",
+            "-serial",
+            f"file:{st.console}",
+            "-object",
+            "rng-random,filename=/dev/urandom,id=rng0",
+            "-device",
+            "virtio-rng-pci,rng=rng0",
         ]
 
     # -- running ----------------------------------------------------------------------------------
@@ -485,23 +546,34 @@ class Rehearsal:
 
     def _units(self, st: NodeState) -> list[str]:
         f = st.node.facts  # the node's role facts (profiles.RoleFacts)
-        units = [("munge", f.munge), ("slurmctld", f.slurmctld), ("nfs-server", f.nfs_server), ("slurmd", f.slurmd)]
+        units = [
+            ("munge", f.munge),
+            ("slurmctld", f.slurmctld),
+            ("nfs-server", f.nfs_server),
+            ("slurmd", f.slurmd),
+        ]
         return [u for u, on in units if on]
 
     def _probe(self, st: NodeState) -> dict[str, str]:
         shared = shlex.quote(self.cluster.shared.path)
-        script = ["echo state=$(systemctl is-system-running 2>/dev/null)",
-                  "echo failed=$(systemctl list-units --state=failed --plain --no-legend 2>/dev/null"
-                  " | awk '{print $1}' | tr '\\n' ' ')",
-                  "echo hostname=$(hostname)",
-                  "echo addr=$(ip -4 -o addr show 2>/dev/null | awk '{print $4}' | tr '\\n' ' ')"]
+        script = [
+            "echo state=$(systemctl is-system-running 2>/dev/null)",
+            "echo failed=$(systemctl list-units --state=failed --plain --no-legend 2>/dev/null"
+            " | awk '{print $1}' | tr '\\n' ' ')",
+            "echo hostname=$(hostname)",
+            "echo addr=$(ip -4 -o addr show 2>/dev/null | awk '{print $4}' | tr '\\n' ' ')",
+        ]
         for u in self._units(st):
             script.append(f"echo unit.{u}=$(systemctl is-active {u} 2>/dev/null)")
         if st.node is not self.head:
-            script.append(f"timeout 20 ls {shared} >/dev/null 2>&1; "
-                          f"echo mount=$(findmnt -n -o FSTYPE {shared} | tr '\\n' ' ')")
+            script.append(
+                f"timeout 20 ls {shared} >/dev/null 2>&1; "
+                f"echo mount=$(findmnt -n -o FSTYPE {shared} | tr '\\n' ' ')"
+            )
         if st.node is self.head:
-            script.append("echo sinfo=$(timeout 20 sinfo -h -N -o '%N:%T' 2>/dev/null | tr '\\n' ' ')")
+            script.append(
+                "echo sinfo=$(timeout 20 sinfo -h -N -o '%N:%T' 2>/dev/null | tr '\\n' ' ')"
+            )
         _, out = st.agent.call("\n".join(script), timeout=120)
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
@@ -525,7 +597,12 @@ class Rehearsal:
                 except AgentTimeout:
                     continue
                 st.last = probe
-                if st.boot_s is None and probe.get("state") not in ("", "initializing", "starting", None):
+                if st.boot_s is None and probe.get("state") not in (
+                    "",
+                    "initializing",
+                    "starting",
+                    None,
+                ):
                     st.boot_s = time.monotonic() - st.started
                     self._milestone(st, "booted", f"booted, system {probe.get('state')}")
                 if probe.get("state") == "maintenance" and not st.failed:
@@ -555,7 +632,10 @@ class Rehearsal:
             if settled_at is None and all(self._settled(st) for st in self.states.values()):
                 settled_at = time.monotonic()
             if settled_at is not None and time.monotonic() - settled_at > grace:
-                log.info("services settled %d s ago and the cluster is not ready: checking what fails", grace)
+                log.info(
+                    "services settled %d s ago and the cluster is not ready: checking what fails",
+                    grace,
+                )
                 return None
             time.sleep(3)
         log.info("timed out after %.0f s waiting for the cluster", self.timeout)
@@ -571,8 +651,10 @@ class Rehearsal:
     # -- checks -----------------------------------------------------------------------------------
     def _as_user(self, cmd: str) -> str:
         user = self.cluster.cluster_user
-        return f"cd {shlex.quote(self.cluster.shared.path)} 2>/dev/null || cd; " \
-               f"runuser -u {user.name} -- env HOME={user.home} USER={user.name} bash -c {shlex.quote(cmd)}"
+        return (
+            f"cd {shlex.quote(self.cluster.shared.path)} 2>/dev/null || cd; "
+            f"runuser -u {user.name} -- env HOME={user.home} USER={user.name} bash -c {shlex.quote(cmd)}"
+        )
 
     def _call(self, st: NodeState, script: str, timeout: float = 300) -> tuple[int, str]:
         if st.failed:
@@ -585,8 +667,17 @@ class Rehearsal:
     def checks(self) -> list[Check]:
         out: list[Check] = []
 
-        def add(name: str, node: str, ok: bool, summary: str, output: str = "", t0: float | None = None) -> None:
-            c = Check(name, node, ok, summary, output[-OUTPUT_TAIL:], round(time.monotonic() - t0, 1) if t0 else 0.0)
+        def add(
+            name: str, node: str, ok: bool, summary: str, output: str = "", t0: float | None = None
+        ) -> None:
+            c = Check(
+                name,
+                node,
+                ok,
+                summary,
+                output[-OUTPUT_TAIL:],
+                round(time.monotonic() - t0, 1) if t0 else 0.0,
+            )
             out.append(c)
             log.info("%s  %-9s %-12s %s", "PASS" if ok else "FAIL", name, node, summary)
 
@@ -595,33 +686,61 @@ class Rehearsal:
         for st in self.states.values():
             state = st.last.get("state", "")
             if st.boot_s is None or state == "maintenance":
-                add("boot", st.name, False, st.failed or f"did not finish booting in {self.timeout:.0f} s "
-                    f"(system {state or 'not answering'}); see {st.console}", _console_trouble(st.console))
+                add(
+                    "boot",
+                    st.name,
+                    False,
+                    st.failed
+                    or f"did not finish booting in {self.timeout:.0f} s "
+                    f"(system {state or 'not answering'}); see {st.console}",
+                    _console_trouble(st.console),
+                )
                 continue
             if state == "degraded":
-                add("boot", st.name, False, f"booted in {st.boot_s:.0f} s, but degraded: {_failed_units_text(st.last)}",
-                    _console_trouble(st.console))
+                add(
+                    "boot",
+                    st.name,
+                    False,
+                    f"booted in {st.boot_s:.0f} s, but degraded: {_failed_units_text(st.last)}",
+                    _console_trouble(st.console),
+                )
             else:
                 add("boot", st.name, True, f"booted in {st.boot_s:.0f} s")
             rc, name = self._call(st, "hostname")
-            add("hostname", st.name, rc == 0 and name.strip() == st.name,
-                f"hostname is {name.strip()!r}" + ("" if name.strip() == st.name else f", expected {st.name!r}"))
+            add(
+                "hostname",
+                st.name,
+                rc == 0 and name.strip() == st.name,
+                f"hostname is {name.strip()!r}"
+                + ("" if name.strip() == st.name else f", expected {st.name!r}"),
+            )
             rc, addrs = self._call(st, "ip -4 -o addr show | awk '{print $2, $4}'")
             ip = str(st.node.ip)
             has = [a for a in addrs.split() if "/" in a]
-            add("address", st.name, any(a.split("/")[0] == ip for a in has),
-                f"has {ip}" if any(a.split("/")[0] == ip for a in has) else
-                f"{st.name} has no address {ip} (has: {', '.join(has) or 'none'})", addrs)
+            add(
+                "address",
+                st.name,
+                any(a.split("/")[0] == ip for a in has),
+                f"has {ip}"
+                if any(a.split("/")[0] == ip for a in has)
+                else f"{st.name} has no address {ip} (has: {', '.join(has) or 'none'})",
+                addrs,
+            )
             bad = []
             for u in self._units(st):
                 rc, state = self._call(st, f"systemctl is-active {u}")
                 if state.strip() != "active":
                     _, journal = self._call(st, f"journalctl -b -u {u} -n 15 --no-pager -o cat")
                     bad.append((u, state.strip(), journal))
-            add("services", st.name, not bad,
-                "all up: " + ", ".join(self._units(st)) if not bad else
-                "; ".join(f"{u} is {s or 'unknown'}" for u, s, _ in bad),
-                "\n".join(f"--- {u}\n{j}" for u, _, j in bad))
+            add(
+                "services",
+                st.name,
+                not bad,
+                "all up: " + ", ".join(self._units(st))
+                if not bad
+                else "; ".join(f"{u} is {s or 'unknown'}" for u, s, _ in bad),
+                "\n".join(f"--- {u}\n{j}" for u, _, j in bad),
+            )
         if head.boot_s is None:
             return out
         # munge: a credential made on the head decodes on every other node
@@ -636,9 +755,16 @@ class Rehearsal:
                 continue
             r, dec = self._call(st, f"printf '%s' {shlex.quote(cred)} | unmunge")
             ok = r == 0 and "STATUS:" in dec and "Success" in dec
-            add("munge", st.name, ok, f"decodes {self.head.hostname}'s credential" if ok else
-                f"{st.name} cannot decode a credential from {self.head.hostname}: {_unmunge_error(dec)}",
-                dec, t0)
+            add(
+                "munge",
+                st.name,
+                ok,
+                f"decodes {self.head.hostname}'s credential"
+                if ok
+                else f"{st.name} cannot decode a credential from {self.head.hostname}: {_unmunge_error(dec)}",
+                dec,
+                t0,
+            )
         # sinfo: every compute node idle
         t0 = time.monotonic()
         rc, sinfo = self._call(head, "timeout 60 sinfo -N -o '%N %T'")
@@ -647,11 +773,21 @@ class Rehearsal:
             parts = line.split()
             if len(parts) == 2:
                 states[parts[0]] = parts[1]
-        not_idle = [f"{n.hostname} is {states.get(n.hostname, 'missing')}" for n in self.compute
-                    if states.get(n.hostname) != "idle"]
-        add("sinfo", self.head.hostname, rc == 0 and not not_idle,
-            "every compute node idle: " + ", ".join(n.hostname for n in self.compute) if rc == 0 and not not_idle
-            else "; ".join(not_idle) or "sinfo failed", sinfo, t0)
+        not_idle = [
+            f"{n.hostname} is {states.get(n.hostname, 'missing')}"
+            for n in self.compute
+            if states.get(n.hostname) != "idle"
+        ]
+        add(
+            "sinfo",
+            self.head.hostname,
+            rc == 0 and not not_idle,
+            "every compute node idle: " + ", ".join(n.hostname for n in self.compute)
+            if rc == 0 and not not_idle
+            else "; ".join(not_idle) or "sinfo failed",
+            sinfo,
+            t0,
+        )
         # jobs run on the compute nodes that are idle; those that are not would only make them
         # queue, and are already named by the sinfo check
         jobs = [n for n in self.compute if states.get(n.hostname) == "idle"]
@@ -660,21 +796,41 @@ class Rehearsal:
         left_out = f" ({'; '.join(not_idle)}: left out)" if not_idle else ""
         if not jobs:
             for name in ("srun", "mpi"):
-                add(name, self.head.hostname, False, "not run: " + ("; ".join(not_idle) or "sinfo failed"))
+                add(
+                    name,
+                    self.head.hostname,
+                    False,
+                    "not run: " + ("; ".join(not_idle) or "sinfo failed"),
+                )
         # srun across every idle compute node
         else:
             t0 = time.monotonic()
-            rc, text = self._call(head, self._as_user(f"timeout 240 srun -I120 -N{count} -w {names} hostname"))
+            rc, text = self._call(
+                head, self._as_user(f"timeout 240 srun -I120 -N{count} -w {names} hostname")
+            )
             got = sorted(set(text.split()) & {n.hostname for n in jobs})
             ok = rc == 0 and len(got) == count
-            add("srun", self.head.hostname, ok, f"srun -N{count} hostname: {' '.join(got)}{left_out}" if ok else
-                f"srun -N{count} hostname failed (exit {rc}); answered: {' '.join(got) or 'none'}", text, t0)
+            add(
+                "srun",
+                self.head.hostname,
+                ok,
+                f"srun -N{count} hostname: {' '.join(got)}{left_out}"
+                if ok
+                else f"srun -N{count} hostname failed (exit {rc}); answered: {' '.join(got) or 'none'}",
+                text,
+                t0,
+            )
         # the shared directory: written on the head, read on each compute node
         token = f"rehearsal {time.time_ns()}"
         shared = self.cluster.shared.path
         fname = f"{shared}/.piimage-rehearsal"
-        rc, text = self._call(head, self._as_user(f"printf '%s\\n' {shlex.quote(token)} > {fname}-token && "
-                                                  f"printf '%s' {shlex.quote(MPI_PROGRAM)} > {fname}-mpi.py"))
+        rc, text = self._call(
+            head,
+            self._as_user(
+                f"printf '%s\\n' {shlex.quote(token)} > {fname}-token && "
+                f"printf '%s' {shlex.quote(MPI_PROGRAM)} > {fname}-mpi.py"
+            ),
+        )
         for n in self.compute:
             st = self.states[n.hostname]
             if st is head:
@@ -682,24 +838,47 @@ class Rehearsal:
             t0 = time.monotonic()
             r, seen = self._call(st, self._as_user(f"timeout 60 cat {fname}-token"))
             ok = rc == 0 and r == 0 and seen.strip() == token
-            add("shared", n.hostname, ok, f"reads {shared} written on {self.head.hostname}" if ok else
-                f"{n.hostname} cannot read the file {self.head.hostname} wrote in {shared}", text + seen, t0)
+            add(
+                "shared",
+                n.hostname,
+                ok,
+                f"reads {shared} written on {self.head.hostname}"
+                if ok
+                else f"{n.hostname} cannot read the file {self.head.hostname} wrote in {shared}",
+                text + seen,
+                t0,
+            )
         # an mpi4py job across every idle compute node
         if not jobs:
             self._call(head, f"rm -f {fname}-token {fname}-mpi.py")
             return out
         t0 = time.monotonic()
-        rc, text = self._call(head, self._as_user(
-            f"timeout 400 srun -I120 --mpi=pmix -N{count} --ntasks-per-node=1 -w {names} python3 {fname}-mpi.py"),
-            timeout=480)
+        rc, text = self._call(
+            head,
+            self._as_user(
+                f"timeout 400 srun -I120 --mpi=pmix -N{count} --ntasks-per-node=1 -w {names} python3 {fname}-mpi.py"
+            ),
+            timeout=480,
+        )
         ranks = re.findall(r"rank (\d+) of (\d+) on (\S+): sum (\d+)", text)
         want_sum = count * (count + 1) // 2
         hosts = sorted({h for _, _, h, _ in ranks})
-        ok = (rc == 0 and len(ranks) == count and all(int(s) == want_sum and int(z) == count for _, z, _, s in ranks)
-              and hosts == sorted(n.hostname for n in jobs))
-        add("mpi", self.head.hostname, ok,
-            f"mpi4py allreduce over {count} ranks on {' '.join(hosts)}: sum {want_sum}{left_out}" if ok else
-            f"mpi4py job across {names} failed (exit {rc}, {len(ranks)} of {count} ranks answered)", text, t0)
+        ok = (
+            rc == 0
+            and len(ranks) == count
+            and all(int(s) == want_sum and int(z) == count for _, z, _, s in ranks)
+            and hosts == sorted(n.hostname for n in jobs)
+        )
+        add(
+            "mpi",
+            self.head.hostname,
+            ok,
+            f"mpi4py allreduce over {count} ranks on {' '.join(hosts)}: sum {want_sum}{left_out}"
+            if ok
+            else f"mpi4py job across {names} failed (exit {rc}, {len(ranks)} of {count} ranks answered)",
+            text,
+            t0,
+        )
         self._call(head, f"rm -f {fname}-token {fname}-mpi.py")
         return out
 
@@ -738,7 +917,9 @@ def _console_trouble(path: Path, n: int = 25) -> str:
     return "\n".join(hits[-n:] if hits else lines[-n:])
 
 
-def rehearse(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, timeout: float = 1200) -> Report:
+def rehearse(
+    cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, timeout: float = 1200
+) -> Report:
     """Boot `nodes` from their built images, wait for the cluster, run the checks. Always
     tears down (QEMU processes, hub, overlays); the logs and report stay in <out>/<cluster>/rehearsal/."""
     r = Rehearsal(cluster, nodes, out_dir, timeout)
@@ -756,8 +937,10 @@ def rehearse(cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, timeou
                 report.checks = r.checks()
             finally:
                 r.teardown()
-        report.boot_seconds = {st.name: (round(st.boot_s, 1) if st.boot_s is not None else None)
-                               for st in r.states.values()}
+        report.boot_seconds = {
+            st.name: (round(st.boot_s, 1) if st.boot_s is not None else None)
+            for st in r.states.values()
+        }
         if report.ready_seconds is not None:
             report.ready_seconds = round(report.ready_seconds, 1)
     finally:

@@ -113,6 +113,7 @@ def _node_data(n: Node, cluster: Cluster) -> dict[str, Any]:
 
 def systemd_path_unit(path: str) -> str:
     """systemd-escape --path: /clusterfs -> clusterfs, /srv/my-data -> srv-my\\x2ddata."""
+
     def esc(i: int, c: str) -> str:
         plain = (c.isalnum() or c in "_.:") and not (i == 0 and c == ".")
         return c if plain else f"\\x{ord(c):02x}"
@@ -133,7 +134,9 @@ def environment(search_path: list[Path] | None = None) -> jinja2.Environment:
     return env
 
 
-def render_string(env: jinja2.Environment, text: str, context: Mapping[str, Any], where: str) -> str:
+def render_string(
+    env: jinja2.Environment, text: str, context: Mapping[str, Any], where: str
+) -> str:
     """Render an inline template (a path, a `when:` expression) with a located error."""
     try:
         return env.from_string(text).render(context)

@@ -179,11 +179,17 @@ def spawn(cmd: Sequence[str | os.PathLike], *, what: str) -> subprocess.Popen:
     argv = [str(c) for c in cmd]
     log.debug("$ %s &", " ".join(argv))
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     except OSError as e:
-        raise CommandError(f"{what}: cannot start {argv[0]}: {e.strerror}", returncode=-1,
-                           output_tail="") from None
+        raise CommandError(
+            f"{what}: cannot start {argv[0]}: {e.strerror}", returncode=-1, output_tail=""
+        ) from None
     with _live_lock:
         _live.add(proc)
     return proc

@@ -33,4 +33,3 @@ def ensure_secrets_dir(path: Path) -> Path:
     except OSError as e:
         raise UserError(f"cannot create the secrets directory {path} ({e.strerror or e})") from None
     return path
-

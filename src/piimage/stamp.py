@@ -10,7 +10,6 @@ import posixpath
 import re
 import tarfile
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from .accounts import home_dir
@@ -48,12 +47,23 @@ def node_disk_id(cluster_name: str, hostname: str) -> str:
 def replace_partuuids(text: str, old: str, new: str, where: str) -> str:
     pattern = re.compile(rf"PARTUUID={re.escape(old)}-0(\d)", re.IGNORECASE)
     if not pattern.search(text):
-        raise BuildError(f"{where} does not refer to the disk's PARTUUID {old}-0N; is this a Raspberry Pi OS image?")
+        raise BuildError(
+            f"{where} does not refer to the disk's PARTUUID {old}-0N; is this a Raspberry Pi OS image?"
+        )
     return pattern.sub(lambda m: f"PARTUUID={new}-0{m.group(1)}", text)
 
 
-def _rewrite_accounts(text: str, old: str, new: str, *, name_field: bool = True, members_field: int | None = None,
-                      home_field: int | None = None, hash_field: int | None = None, password_hash: str | None = None) -> str:
+def _rewrite_accounts(
+    text: str,
+    old: str,
+    new: str,
+    *,
+    name_field: bool = True,
+    members_field: int | None = None,
+    home_field: int | None = None,
+    hash_field: int | None = None,
+    password_hash: str | None = None,
+) -> str:
     out = []
     for line in text.splitlines():
         parts = line.split(":")
@@ -65,7 +75,9 @@ def _rewrite_accounts(text: str, old: str, new: str, *, name_field: bool = True,
                 if hash_field is not None and password_hash:
                     parts[hash_field] = password_hash
             if members_field is not None and len(parts) > members_field and parts[members_field]:
-                parts[members_field] = ",".join(new if m == old else m for m in parts[members_field].split(","))
+                parts[members_field] = ",".join(
+                    new if m == old else m for m in parts[members_field].split(",")
+                )
         out.append(":".join(parts))
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
 
@@ -120,9 +132,13 @@ class Accounts:
         users = self.users()
         first = next((u for u in users.values() if u.uid == FIRST_USER_UID), None)
         if first is None:
-            raise BuildError(f"{where}: the image has no user with UID {FIRST_USER_UID} to turn into '{admin.name}'")
+            raise BuildError(
+                f"{where}: the image has no user with UID {FIRST_USER_UID} to turn into '{admin.name}'"
+            )
         if admin.name in users and users[admin.name].uid != FIRST_USER_UID:
-            raise BuildError(f"{where}: user '{admin.name}' already exists with UID {users[admin.name].uid}")
+            raise BuildError(
+                f"{where}: user '{admin.name}' already exists with UID {users[admin.name].uid}"
+            )
         kw = {
             "/etc/passwd": dict(home_field=5),
             "/etc/shadow": dict(hash_field=1, password_hash=admin.password_hash),
@@ -131,7 +147,10 @@ class Accounts:
         }
         for path in ACCOUNT_FILES:
             if path in self.texts:
-                self._set(path, _rewrite_accounts(self.texts[path], first.name, admin.name, **kw.get(path, {})))
+                self._set(
+                    path,
+                    _rewrite_accounts(self.texts[path], first.name, admin.name, **kw.get(path, {})),
+                )
         if first.home != home_dir(admin.name):
             self.home_moves.append((first.home, home_dir(admin.name)))
 
@@ -141,16 +160,24 @@ class Accounts:
         users, groups = self.users(), self.groups()
         if user.name in users:
             if users[user.name].uid != user.uid:
-                raise BuildError(f"{where}: user '{user.name}' exists with UID {users[user.name].uid}, not {user.uid}")
+                raise BuildError(
+                    f"{where}: user '{user.name}' exists with UID {users[user.name].uid}, not {user.uid}"
+                )
         else:
             taken = next((u.name for u in users.values() if u.uid == user.uid), None)
             if taken:
-                raise BuildError(f"{where}: UID {user.uid} for '{user.name}' is already used by '{taken}' in the image")
+                raise BuildError(
+                    f"{where}: UID {user.uid} for '{user.name}' is already used by '{taken}' in the image"
+                )
             gtaken = next((n for n, g in groups.items() if g == user.uid and n != user.name), None)
             if gtaken:
-                raise BuildError(f"{where}: GID {user.uid} for '{user.name}' is already used by group '{gtaken}'")
+                raise BuildError(
+                    f"{where}: GID {user.uid} for '{user.name}' is already used by group '{gtaken}'"
+                )
             days = 19000  # last password change: a fixed day keeps images reproducible
-            self._append("/etc/passwd", f"{user.name}:x:{user.uid}:{user.uid}::{user.home}:{user.shell}")
+            self._append(
+                "/etc/passwd", f"{user.name}:x:{user.uid}:{user.uid}::{user.home}:{user.shell}"
+            )
             self._append("/etc/shadow", f"{user.name}:!:{days}:0:99999:7:::")
             if user.name not in groups:
                 self._append("/etc/group", f"{user.name}:x:{user.uid}:")
@@ -225,7 +252,9 @@ class TarBuilder:
     def finish(self) -> bytes:
         # directories first (parents before children), then files, then links
         order = {"d": 0, "f": 1, "l": 2}
-        for path, (kind, payload) in sorted(self.entries.items(), key=lambda kv: (order[kv[1][0]], kv[0])):
+        for path, (kind, payload) in sorted(
+            self.entries.items(), key=lambda kv: (order[kv[1][0]], kv[0])
+        ):
             if kind == "d":
                 mode, uid, gid = payload  # type: ignore[misc]
                 self.tar.addfile(self._info(path, tarfile.DIRTYPE, mode, uid, gid))
@@ -256,7 +285,9 @@ def _append_lines(text: str, append: RenderedAppend) -> str:
     return text + "".join(ln + "\n" for ln in missing)
 
 
-def stamp(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin, check_layout: bool = True) -> list[WrittenFile]:
+def stamp(
+    disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin, check_layout: bool = True
+) -> list[WrittenFile]:
     """Write one node's identity and rendered files into its disk. Reads first, then changes
     in memory, then one tar for the root filesystem and a few writes for the FAT — libguestfs
     calls are slow on a TCG-only host, so they are kept few."""
@@ -269,7 +300,9 @@ def stamp(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin, check_
         disk.umount()
 
 
-def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin) -> list[WrittenFile]:
+def _stamp_mounted(
+    disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin
+) -> list[WrittenFile]:
     where = disk.path
     tar = TarBuilder()
     written: list[WrittenFile] = []
@@ -278,13 +311,20 @@ def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admi
     old_id, new_id = disk.disk_id(), node_disk_id(cluster_name, plan.hostname)
     cmdline = disk.read_text(CMDLINE)
     if cmdline.rstrip("\n").count("\n"):
-        raise BuildError(f"{where}: cmdline.txt has more than one line; the firmware reads only the first")
+        raise BuildError(
+            f"{where}: cmdline.txt has more than one line; the firmware reads only the first"
+        )
     new_cmdline = with_kernel_words(replace_partuuids(cmdline, old_id, new_id, "cmdline.txt"))
     fstab = replace_partuuids(disk.read_text("/etc/fstab"), old_id, new_id, "/etc/fstab")
 
     # accounts, in memory
-    acc = Accounts({p: t.decode("utf-8", "replace") for p in ACCOUNT_FILES
-                    if (t := disk.read_if_exists(p)) is not None})
+    acc = Accounts(
+        {
+            p: t.decode("utf-8", "replace")
+            for p in ACCOUNT_FILES
+            if (t := disk.read_if_exists(p)) is not None
+        }
+    )
     acc.rename_first_user(admin, where)
     for u in plan.users:
         acc.ensure_user(u, where)
@@ -315,7 +355,9 @@ def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admi
         tar.file("/etc/machine-id", machine_id, 0o444, 0, 0)
     for path in sorted(acc.changed):
         mode, group = ACCOUNT_FILES[path]
-        tar.file(path, acc.texts[path].encode(), mode, 0, acc.gid(group, where) if group != "root" else 0)
+        tar.file(
+            path, acc.texts[path].encode(), mode, 0, acc.gid(group, where) if group != "root" else 0
+        )
 
     for d in plan.dirs:
         if not disk.on_boot(d.path):
@@ -330,7 +372,9 @@ def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admi
             parent = posixpath.dirname(f.path)
             if f.owner != "root" and posixpath.basename(parent) == ".ssh":
                 tar.dir(parent, 0o700, *ids(f.owner, f.group))  # ~/.ssh belongs to its user, 0700
-        written.append(WrittenFile(f.path, hashlib.sha256(f.data).hexdigest(), f.mode, f.owner, f.stage))
+        written.append(
+            WrittenFile(f.path, hashlib.sha256(f.data).hexdigest(), f.mode, f.owner, f.stage)
+        )
         if not f.secret:
             log.debug("%s: %s (%o %s)", where.name, f.path, f.mode, f.owner)
     for a in plan.append:
@@ -340,10 +384,17 @@ def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admi
             boot_writes[a.path] = _append_lines(text, a).encode()
         else:
             if not disk.exists(a.path):
-                raise BuildError(f"{where}: cannot add lines to {a.path}: it does not exist in the image")
+                raise BuildError(
+                    f"{where}: cannot add lines to {a.path}: it does not exist in the image"
+                )
             st = disk.stat(a.path)
-            tar.file(a.path, _append_lines(disk.read_text(a.path), a).encode(), st["st_mode"] & 0o7777,
-                     st["st_uid"], st["st_gid"])
+            tar.file(
+                a.path,
+                _append_lines(disk.read_text(a.path), a).encode(),
+                st["st_mode"] & 0o7777,
+                st["st_uid"],
+                st["st_gid"],
+            )
     for lk in plan.links:
         tar.symlink(lk.path, lk.target)
     for unit in plan.enable:
@@ -402,7 +453,9 @@ def _enable(disk: Disk, tar: TarBuilder, unit: str, plan_files: dict) -> None:
     if path is None:
         path = disk.unit_path(template)
         if path is None:
-            raise BuildError(f"{disk.path}: cannot enable {unit}: no unit file {template} in the image")
+            raise BuildError(
+                f"{disk.path}: cannot enable {unit}: no unit file {template} in the image"
+            )
         text = disk.read_text(path)
     wanted, required, alias = _install_targets(text)
     if not (wanted or required or alias):

@@ -39,14 +39,24 @@ nodes:
 """
 
 
-def piimage(args: list[str], env: dict, cwd: Path, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+def piimage(
+    args: list[str], env: dict, cwd: Path, check_rc: int | None = 0
+) -> subprocess.CompletedProcess:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "piimage.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     record_piimage(args, proc.stderr, time.monotonic() - t0)
     if check_rc is not None and proc.returncode != check_rc:
-        pytest.fail(f"piimage {' '.join(args)} exited {proc.returncode}, expected {check_rc}:\n"
-                    f"{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"piimage {' '.join(args)} exited {proc.returncode}, expected {check_rc}:\n"
+            f"{proc.stderr[-4000:]}"
+        )
     return proc
 
 

@@ -65,7 +65,6 @@ from pathlib import Path
 
 import phases
 import pytest
-
 from clihelp import PERSISTENT_CACHE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -317,8 +316,21 @@ def standin_raw(standin, tmp_path_factory):
 def env(tmp_path_factory, standin_server):
     home = tmp_path_factory.mktemp("home")
     (home / ".ssh").mkdir(mode=0o700)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tester@laptop", "-f",
-                    str(home / ".ssh" / "id_ed25519")], check=True)
+    subprocess.run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "tester@laptop",
+            "-f",
+            str(home / ".ssh" / "id_ed25519"),
+        ],
+        check=True,
+    )
     e = dict(os.environ)
     e.pop("SUDO_USER", None)
     e.update(
@@ -352,7 +364,9 @@ def pytest_collection_modifyitems(session, config, items):
             return 0
         names = set(getattr(item, "fixturenames", ()))
         callspec = getattr(item, "callspec", None)
-        trixie = "standin_trixie" in names or (callspec is not None and callspec.params.get("suite") == "trixie")
+        trixie = "standin_trixie" in names or (
+            callspec is not None and callspec.params.get("suite") == "trixie"
+        )
         if trixie:
             return 3
         return 1 if "docker" in names else 2

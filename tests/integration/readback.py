@@ -7,9 +7,9 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import guestfs
 
@@ -103,7 +103,11 @@ def open_images(paths: list[Path]) -> Iterator[list[ImageView]]:
 
 
 def partitions(image: Path) -> list[dict]:
-    doc = json.loads(subprocess.run(["sfdisk", "-J", str(image)], check=True, capture_output=True, text=True).stdout)
+    doc = json.loads(
+        subprocess.run(
+            ["sfdisk", "-J", str(image)], check=True, capture_output=True, text=True
+        ).stdout
+    )
     return doc["partitiontable"]["partitions"]
 
 
@@ -116,9 +120,20 @@ def fsck_partitions(image: Path) -> dict[str, subprocess.CompletedProcess]:
         for n, tool in ((1, ["fsck.vfat", "-n"]), (2, ["e2fsck", "-fn"])):
             p = parts[n - 1]
             out = Path(td) / f"p{n}"
-            subprocess.run(["dd", f"if={image}", f"of={out}", "bs=4M", "iflag=skip_bytes,count_bytes",
-                            f"skip={p['start'] * 512}", f"count={p['size'] * 512}", "conv=sparse", "status=none"],
-                           check=True)
+            subprocess.run(
+                [
+                    "dd",
+                    f"if={image}",
+                    f"of={out}",
+                    "bs=4M",
+                    "iflag=skip_bytes,count_bytes",
+                    f"skip={p['start'] * 512}",
+                    f"count={p['size'] * 512}",
+                    "conv=sparse",
+                    "status=none",
+                ],
+                check=True,
+            )
             results[tool[0]] = subprocess.run([*tool, str(out)], capture_output=True, text=True)
             out.unlink()
     return results

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from clihelp import CLUSTER_YAML, piimage, pubkey
 from readback import fsck_partitions, open_images
 
@@ -41,8 +40,16 @@ def test_default_cluster_node02(node02_default, env):
     img = out / "node02.img"
     assert str(img.relative_to(cwd)) in proc.stdout or str(img) in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "SHA256SUMS", "manifest.json", "node02.img", "node02.img.bmap", "node02.img.sha256", "os_list.json"]
-    digest = subprocess.run(["sha256sum", str(img)], capture_output=True, text=True, check=True).stdout.split()[0]
+        "SHA256SUMS",
+        "manifest.json",
+        "node02.img",
+        "node02.img.bmap",
+        "node02.img.sha256",
+        "os_list.json",
+    ]
+    digest = subprocess.run(
+        ["sha256sum", str(img)], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
     assert (out / "node02.img.sha256").read_text() == f"{digest}  node02.img\n"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["nodes"]["node02"]["sha256"] == digest
@@ -65,7 +72,9 @@ def test_default_cluster_node02(node02_default, env):
             assert v.mode(nm) == 0o600 and v.owner(nm) == (0, 0)
             assert "address1=10.42.0.12/24,10.42.0.1" in v.text(nm)
             # cloud-init: ours sorts after Raspberry Pi's 99_raspberry-pi.cfg, so it wins shared keys
-            assert "network: {config: disabled}" in v.text("/etc/cloud/cloud.cfg.d/99_zz-piimage.cfg")
+            assert "network: {config: disabled}" in v.text(
+                "/etc/cloud/cloud.cfg.d/99_zz-piimage.cfg"
+            )
             assert not v.exists("/etc/cloud/cloud.cfg.d/99-piimage.cfg")
             # the admin user replaced UID 1000 and has the key
             assert v.uid_of("admin") == 1000
@@ -93,7 +102,9 @@ def test_default_cluster_node02(node02_default, env):
             assert did == manifest["nodes"]["node02"]["disk_id"]
             # host key 0600 root, where the first boot's regeneration (ssh_host_*_key*) cannot reach
             assert v.mode("/etc/ssh/piimage/ssh_host_ed25519_key") == 0o600
-            assert "HostKey /etc/ssh/piimage/ssh_host_ed25519_key" in v.text("/etc/ssh/sshd_config.d/50-piimage.conf")
+            assert "HostKey /etc/ssh/piimage/ssh_host_ed25519_key" in v.text(
+                "/etc/ssh/sshd_config.d/50-piimage.conf"
+            )
             assert not v.exists("/etc/ssh/ssh_host_ed25519_key")
             assert manifest["nodes"]["node02"]["disk_id_after_first_boot"].startswith("random")
     results = fsck_partitions(img)
@@ -154,7 +165,11 @@ def test_cluster_services(cluster_all):
             with v.mounted():
                 pk = v.dpkg_installed()
                 need = {"munge", "slurm-client", "openmpi-bin", "python3-mpi4py"}
-                need |= {"slurmctld", "nfs-kernel-server", "chrony"} if role == "head" else {"slurmd", "nfs-common"}
+                need |= (
+                    {"slurmctld", "nfs-kernel-server", "chrony"}
+                    if role == "head"
+                    else {"slurmd", "nfs-common"}
+                )
                 assert need <= pk, f"{v.path.name}: missing {need - pk}"
                 # munge: the cluster's key, owned by this image's munge user, 0400
                 assert v.read("/etc/munge/munge.key") == munge_key
@@ -164,27 +179,44 @@ def test_cluster_services(cluster_all):
                 wants = v.ls("/etc/systemd/system/multi-user.target.wants")
                 assert "munge.service" in wants
                 daemon = "slurmctld" if role == "head" else "slurmd"
-                assert "Restart=on-failure" in v.text(f"/etc/systemd/system/{daemon}.service.d/piimage-restart.conf")
+                assert "Restart=on-failure" in v.text(
+                    f"/etc/systemd/system/{daemon}.service.d/piimage-restart.conf"
+                )
                 if role == "head":
                     assert "slurmctld.service" in wants and "slurmd.service" not in wants
-                    assert "10.0.0.0/24(rw,sync,no_subtree_check,no_root_squash)" in v.text("/etc/exports.d/piimage.exports")
+                    assert "10.0.0.0/24(rw,sync,no_subtree_check,no_root_squash)" in v.text(
+                        "/etc/exports.d/piimage.exports"
+                    )
                     assert "allow 10.0.0.0/24" in v.text("/etc/chrony/conf.d/piimage.conf")
                     assert "node01 slots=4" in v.text("/clusterfs/hostfile")
                 else:
                     assert "slurmd.service" in wants and "slurmctld.service" not in wants
                     assert "What=head:/clusterfs" in v.text("/etc/systemd/system/clusterfs.mount")
-                    assert v.lexists("/etc/systemd/system/remote-fs.target.wants/clusterfs.automount")
+                    assert v.lexists(
+                        "/etc/systemd/system/remote-fs.target.wants/clusterfs.automount"
+                    )
                     assert "NTP=10.0.0.10" in v.text("/etc/systemd/timesyncd.conf.d/piimage.conf")
                 # cluster user: same UID everywhere, the cluster keypair
                 assert v.uid_of("mpiuser") == 1500
                 assert v.mode("/home/mpiuser/.ssh/id_ed25519") == 0o600
                 assert v.owner("/home/mpiuser/.ssh/id_ed25519")[0] == 1500
-                assert v.read("/home/mpiuser/.ssh/authorized_keys").strip() == \
-                    v.read("/home/mpiuser/.ssh/id_ed25519.pub").strip()
+                assert (
+                    v.read("/home/mpiuser/.ssh/authorized_keys").strip()
+                    == v.read("/home/mpiuser/.ssh/id_ed25519.pub").strip()
+                )
                 # nothing of the package step is left behind
                 assert not v.lexists("/usr/sbin/policy-rc.d")
-                assert [f for f in v.ls("/var/lib/apt/lists") if f not in ("partial", "lock", "auxfiles")] == []
-                assert v.ls("/var/cache/apt/archives") in ([], ["partial"], ["lock", "partial"], ["partial", "lock"])
+                assert [
+                    f
+                    for f in v.ls("/var/lib/apt/lists")
+                    if f not in ("partial", "lock", "auxfiles")
+                ] == []
+                assert v.ls("/var/cache/apt/archives") in (
+                    [],
+                    ["partial"],
+                    ["lock", "partial"],
+                    ["partial", "lock"],
+                )
     assert len(set(confs.values())) == 1
     conf = next(iter(confs.values())).decode()
     assert "SlurmctldHost=head(10.0.0.10)" in conf
@@ -199,8 +231,22 @@ def test_cluster_services(cluster_all):
 # The bookworm stand-in (Raspberry Pi OS Legacy).
 # --------------------------------------------------------------------------------------------
 def test_bookworm_node(env, standin_bookworm, tmp_path):
-    (tmp_path / "cluster.yaml").write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.12"))
-    piimage(["build", "--role", "compute", "--hostname", "node01", "--base", "raspios-lite-arm64-legacy"], env, tmp_path)
+    (tmp_path / "cluster.yaml").write_text(
+        CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.12")
+    )
+    piimage(
+        [
+            "build",
+            "--role",
+            "compute",
+            "--hostname",
+            "node01",
+            "--base",
+            "raspios-lite-arm64-legacy",
+        ],
+        env,
+        tmp_path,
+    )
     img = tmp_path / "out" / "testcluster" / "node01.img"
     with open_images([img]) as (v,):
         with v.mounted():
@@ -224,7 +270,9 @@ def test_bookworm_node(env, standin_bookworm, tmp_path):
 # Outputs every flashing tool takes (xz, the default of --all: see tests/unit/test_cli.py).
 # --------------------------------------------------------------------------------------------
 def _sha(path: Path) -> str:
-    return subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+    return subprocess.run(
+        ["sha256sum", str(path)], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
 
 
 def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
@@ -243,8 +291,11 @@ def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
     unpacked.unlink()
     # bmaptool copy with the .bmap writes the same bytes in every mapped range
     dest = tmp_path / "card.img"
-    subprocess.run(["bmaptool", "copy", "--bmap", str(out / "node01.img.bmap"), str(img), str(dest)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["bmaptool", "copy", "--bmap", str(out / "node01.img.bmap"), str(img), str(dest)],
+        check=True,
+        capture_output=True,
+    )
     root = ET.parse(out / "node01.img.bmap").getroot()
     bs = int(root.findtext("BlockSize"))
     ranges = [r.text.strip() for r in root.iter("Range")]
@@ -268,7 +319,9 @@ def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
     it = items["node01"]
     assert it["url"].endswith("/node01.img.xz")
     assert it["extract_size"] == img.stat().st_size and it["extract_sha256"] == _sha(img)
-    assert it["image_download_size"] == xz.stat().st_size and it["image_download_sha256"] == _sha(xz)
+    assert it["image_download_size"] == xz.stat().st_size and it["image_download_sha256"] == _sha(
+        xz
+    )
     assert it["init_format"] == "none" and "pi4-64bit" in it["devices"] and it["release_date"]
     # SHA256SUMS covers the folder and checks out
     sums = (out / "SHA256SUMS").read_text()
@@ -300,7 +353,8 @@ def test_changed_ip_reuses_role_layers(cluster_all, env, tmp_path):
     with open_images([out / "node02.img"]) as (v,):
         with v.mounted():
             assert "address1=10.0.0.22/24" in v.text(
-                "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection")
+                "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection"
+            )
             assert "NodeName=node02 NodeAddr=10.0.0.22" in v.text("/etc/slurm/slurm.conf")
     # the earlier build's .img.zst no longer matches the new .img: it is gone, not left stale
     assert not (out / "node02.img.zst").exists() and not (out / "node02.img.zst.sha256").exists()

@@ -19,8 +19,13 @@ PERSISTENT_CACHE = Path(os.environ.get("PIIMAGE_TEST_CACHE", Path.home() / ".cac
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH3903J3epy2OvY9kxA4Gr+Ix0/+xMkM+jxK162Gs/b2 me@laptop"
 
 
-def cluster_yaml(extra: str = "", base: str = "raspios-lite-arm64-legacy", computes: int = 1) -> str:
-    nodes = "".join(f"  - {{hostname: node{i:02d}, role: compute, ip: 10.0.0.{10 + i}}}\n" for i in range(1, computes + 1))
+def cluster_yaml(
+    extra: str = "", base: str = "raspios-lite-arm64-legacy", computes: int = 1
+) -> str:
+    nodes = "".join(
+        f"  - {{hostname: node{i:02d}, role: compute, ip: 10.0.0.{10 + i}}}\n"
+        for i in range(1, computes + 1)
+    )
     return f"""\
 name: failing
 base: {base}
@@ -49,8 +54,14 @@ def work(tmp_path, standin_bookworm):
 
 
 def run_piimage(args, env, cwd, timeout=3600):
-    return subprocess.run([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "piimage.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def leftovers(tmp_path: Path) -> list[str]:
@@ -69,11 +80,20 @@ def leftovers(tmp_path: Path) -> list[str]:
     mounts = Path("/proc/mounts").read_text()
     found += [f"mount {ln.split()[1]}" for ln in mounts.splitlines() if "piimage-root-" in ln]
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    found += [f"loop {ln}" for ln in loops.splitlines() if str(PERSISTENT_CACHE / "layers") in ln or str(tmp_path) in ln]
+    found += [
+        f"loop {ln}"
+        for ln in loops.splitlines()
+        if str(PERSISTENT_CACHE / "layers") in ln or str(tmp_path) in ln
+    ]
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cmd = (
+                    Path(f"/proc/{pid}/cmdline")
+                    .read_bytes()
+                    .replace(b"\0", b" ")
+                    .decode(errors="replace")
+                )
             except OSError:
                 continue
             if str(tmp_path) in cmd and ("qemu" in cmd or "apt" in cmd or "dpkg" in cmd):
@@ -88,9 +108,15 @@ def test_corrupted_download(work):
         data = bytearray(s.image_xz.read_bytes())
         data[len(data) // 2] ^= 0xFF
         bad.write_bytes(bytes(data))
-        (s.dir / "corrupt.img.xz.sha256").write_text(s.sha256_file.read_text().split()[0] + "  corrupt.img.xz\n")
+        (s.dir / "corrupt.img.xz.sha256").write_text(
+            s.sha256_file.read_text().split()[0] + "  corrupt.img.xz\n"
+        )
     (tmp_path / "cluster.yaml").write_text(cluster_yaml())
-    r = run_piimage(["build", "--hostname", "node01", "--base", s.url.rsplit("/", 1)[0] + "/corrupt.img.xz"], env, tmp_path)
+    r = run_piimage(
+        ["build", "--hostname", "node01", "--base", s.url.rsplit("/", 1)[0] + "/corrupt.img.xz"],
+        env,
+        tmp_path,
+    )
     assert r.returncode == 1, r.stderr
     assert "checksum mismatch" in r.stderr and "the download was deleted" in r.stderr
     assert len(r.stderr.splitlines()) < 25 and "Traceback" not in r.stderr
@@ -138,7 +164,9 @@ def test_failing_chroot_script(work):
 
 def test_lost_mirror(work):
     tmp_path, env, _ = work
-    (tmp_path / "cluster.yaml").write_text(cluster_yaml("apt: {mirror: 'http://127.0.0.1:9/debian'}"))
+    (tmp_path / "cluster.yaml").write_text(
+        cluster_yaml("apt: {mirror: 'http://127.0.0.1:9/debian'}")
+    )
     _profiles(tmp_path, "packages: [hello]\nheadroom_mb: 64\n")
     r = run_piimage(["build", "--hostname", "node01"], env, tmp_path)
     assert r.returncode == 1, r.stderr
@@ -147,9 +175,17 @@ def test_lost_mirror(work):
     assert leftovers(tmp_path) == []
 
 
-def _interrupt_when(args, env, cwd, marker: str, delay: float = 2.0, timeout: float = 1800) -> tuple[int, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "piimage.cli", *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _interrupt_when(
+    args, env, cwd, marker: str, delay: float = 2.0, timeout: float = 1800
+) -> tuple[int, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "piimage.cli", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     t0 = time.monotonic()
     assert proc.stderr is not None
@@ -180,8 +216,13 @@ def test_ctrl_c_during_stamp_and_write(work, marker):
     # enough (two images at a time) for the interrupt to land in the middle of it.
     (tmp_path / "cluster.yaml").write_text(cluster_yaml(computes=6))
     _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
-    rc, err = _interrupt_when(["build", "--all", "--role", "compute", "--compress", "none"], env, tmp_path, marker,
-                              delay=0.3)
+    rc, err = _interrupt_when(
+        ["build", "--all", "--role", "compute", "--compress", "none"],
+        env,
+        tmp_path,
+        marker,
+        delay=0.3,
+    )
     assert rc == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert leftovers(tmp_path) == []
@@ -192,6 +233,8 @@ def test_ctrl_c_during_package_install(work):
     (tmp_path / "cluster.yaml").write_text(cluster_yaml())
     # a package set of its own, so this layer is never cached and apt really runs
     _profiles(tmp_path, f"packages: [hello, cowsay]\nheadroom_mb: {64 + os.getpid() % 100}\n")
-    rc, err = _interrupt_when(["build", "--hostname", "node01", "-v"], env, tmp_path, "apt-get", delay=3)
+    rc, err = _interrupt_when(
+        ["build", "--hostname", "node01", "-v"], env, tmp_path, "apt-get", delay=3
+    )
     assert rc == 130, err[-3000:]
     assert leftovers(tmp_path) == []

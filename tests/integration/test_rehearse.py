@@ -25,7 +25,12 @@ def leftovers() -> list[str]:
         if not pid.isdigit():
             continue
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmd = (
+                Path(f"/proc/{pid}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+            )
         except OSError:
             continue
         if cmd.startswith("qemu-system-aarch64") and "piimage-rehearse-" in cmd:
@@ -54,10 +59,16 @@ def test_rehearsal_of_a_working_cluster(cluster, env):
     # every node booted and the cluster became ready; the figures go into the issue note
     assert all(isinstance(report["boot_seconds"][h], float) for h in images)
     assert report["ready_seconds"] > 0
-    print("\nrehearsal figures:", json.dumps({"boot_seconds": report["boot_seconds"],
-                                              "ready_seconds": report["ready_seconds"],
-                                              "checks": {f"{c['name']} {c['node']}": c["seconds"]
-                                                         for c in report["checks"]}}))
+    print(
+        "\nrehearsal figures:",
+        json.dumps(
+            {
+                "boot_seconds": report["boot_seconds"],
+                "ready_seconds": report["ready_seconds"],
+                "checks": {f"{c['name']} {c['node']}": c["seconds"] for c in report["checks"]},
+            }
+        ),
+    )
     checks = {(c["name"], c["node"]): c for c in report["checks"]}
     for node in images:
         for name in ("boot", "hostname", "address", "services"):
@@ -70,7 +81,10 @@ def test_rehearsal_of_a_working_cluster(cluster, env):
     assert {"node01", "node02"} <= set(checks[("srun", "head")]["output"].split())
     mpi = checks[("mpi", "head")]["output"]
     ranks = re.findall(r"rank (\d) of 2 on (node0[12]): sum 3", mpi)
-    assert sorted(r for r, _ in ranks) == ["0", "1"] and {h for _, h in ranks} == {"node01", "node02"}, mpi
+    assert sorted(r for r, _ in ranks) == ["0", "1"] and {h for _, h in ranks} == {
+        "node01",
+        "node02",
+    }, mpi
     # the consoles and the report are kept; the flashable images are untouched
     logs = out / "rehearsal"
     for h in images:
@@ -92,12 +106,30 @@ def test_rehearsal_catches_a_foreign_munge_key(cluster, env, tmp_path):
     os.link(good / "head.img", mixed / "head.img")
     os.link(bad / "node02.img", mixed / "node02.img")
     assert (good / "node02.img").read_bytes()[:512] != b""  # the good node02 exists but is not used
-    proc = piimage(["rehearse", "-i", str(cluster / "cluster.yaml"), "--out", str(mixed.parent),
-                    "--nodes", "head,node02", "--timeout", "900"], env, cluster, check_rc=None)
-    assert proc.returncode == 1, f"rehearse should fail:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    proc = piimage(
+        [
+            "rehearse",
+            "-i",
+            str(cluster / "cluster.yaml"),
+            "--out",
+            str(mixed.parent),
+            "--nodes",
+            "head,node02",
+            "--timeout",
+            "900",
+        ],
+        env,
+        cluster,
+        check_rc=None,
+    )
+    assert proc.returncode == 1, (
+        f"rehearse should fail:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     # the report names the node and the check that caught it
-    assert re.search(r"FAIL\s+munge\s+node02\s+node02 cannot decode a credential from head: .*Invalid credential",
-                     proc.stdout), proc.stdout
+    assert re.search(
+        r"FAIL\s+munge\s+node02\s+node02 cannot decode a credential from head: .*Invalid credential",
+        proc.stdout,
+    ), proc.stdout
     assert "rehearsal failed:" in proc.stderr and "node02 munge" in proc.stderr
     report = json.loads((mixed / "rehearsal" / "report.json").read_text())
     assert report["ok"] is False
@@ -111,12 +143,24 @@ def test_rehearsal_catches_a_foreign_munge_key(cluster, env, tmp_path):
 
 
 def test_rehearse_refuses_missing_images(cluster, env, tmp_path):
-    proc = piimage(["rehearse", "-i", str(cluster / "cluster.yaml"), "--out", str(tmp_path)], env, cluster,
-                   check_rc=2)
-    assert "no built image for head, node01, node02" in proc.stderr and "piimage build --all" in proc.stderr
+    proc = piimage(
+        ["rehearse", "-i", str(cluster / "cluster.yaml"), "--out", str(tmp_path)],
+        env,
+        cluster,
+        check_rc=2,
+    )
+    assert (
+        "no built image for head, node01, node02" in proc.stderr
+        and "piimage build --all" in proc.stderr
+    )
     proc = piimage(["rehearse", "--nodes", "node01,node07"], env, cluster, check_rc=2)
     assert "'node07' is not a node of cluster testcluster" in proc.stderr
-    assert subprocess.run(["pgrep", "-f", "piimage-rehearse-"], check=False, capture_output=True).returncode == 1
+    assert (
+        subprocess.run(
+            ["pgrep", "-f", "piimage-rehearse-"], check=False, capture_output=True
+        ).returncode
+        == 1
+    )
 
 
 def test_interrupted_rehearsal_leaves_nothing(cluster, env):
@@ -127,8 +171,14 @@ def test_interrupted_rehearsal_leaves_nothing(cluster, env):
 
     head = cluster / "out" / "testcluster" / "head.img"
     before = _sha(head)
-    proc = subprocess.Popen([sys.executable, "-m", "piimage.cli", "rehearse", "--nodes", "head,node01"],
-                            env=env, cwd=cluster, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "piimage.cli", "rehearse", "--nodes", "head,node01"],
+        env=env,
+        cwd=cluster,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 600
     seen = ""
     while time.monotonic() < deadline:

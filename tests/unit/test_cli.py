@@ -62,7 +62,11 @@ def test_missing_tool_exit_2(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: qemu-img, bmaptool … are missing
     r = runner.invoke(main, ["build", "--hostname", "node02"])
     assert r.exit_code == 2
-    assert "missing host tools: qemu-img" in r.output and "apt-get install" in r.output and "qemu-utils" in r.output
+    assert (
+        "missing host tools: qemu-img" in r.output
+        and "apt-get install" in r.output
+        and "qemu-utils" in r.output
+    )
     assert not Path("out").exists()
 
 
@@ -70,7 +74,8 @@ def test_check_lists_nodes(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("cluster.yaml").write_text(
         f"name: lab\nadmin: {{ssh_authorized_keys: ['{KEY}']}}\nnetwork: {{subnet: 10.0.0.0/24}}\n"
-        "nodes:\n  - {hostname: head, role: head, ip: 10.0.0.10}\n  - {hostname: n1, role: compute, ip: 10.0.0.11}\n")
+        "nodes:\n  - {hostname: head, role: head, ip: 10.0.0.10}\n  - {hostname: n1, role: compute, ip: 10.0.0.11}\n"
+    )
     r = runner.invoke(main, ["check"])
     assert r.exit_code == 0 and "cluster lab: 2 nodes" in r.output and "n1" in r.output
 
@@ -81,7 +86,8 @@ def test_user_role_from_node_profiles_beside_inventory(runner, tmp_path, monkeyp
     (tmp_path / "node-profiles" / "login.yaml").write_text("packages: [htop]\n")
     Path("cluster.yaml").write_text(
         "network: {subnet: 10.0.0.0/24}\nnodes:\n  - {hostname: head, role: head, ip: 10.0.0.10}\n"
-        "  - {hostname: l1, role: login, ip: 10.0.0.11}\n")
+        "  - {hostname: l1, role: login, ip: 10.0.0.11}\n"
+    )
     r = runner.invoke(main, ["check"])
     assert r.exit_code == 0, r.output
 
@@ -94,12 +100,15 @@ def test_init(runner, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "not overwriting" in r.output
 
 
-@pytest.mark.parametrize(("args", "want"), [
-    (["--all"], "xz"),
-    (["--all", "--compress", "none"], "none"),
-    (["--role", "compute", "--hostname", "node02"], "none"),
-    (["--hostname", "node02", "--compress", "zstd"], "zstd"),
-])
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--all"], "xz"),
+        (["--all", "--compress", "none"], "none"),
+        (["--role", "compute", "--hostname", "node02"], "none"),
+        (["--hostname", "node02", "--compress", "zstd"], "zstd"),
+    ],
+)
 def test_compression_defaults_to_xz_for_all(runner, tmp_path, monkeypatch, args, want):
     """--all writes an .img.xz beside each .img unless told otherwise; one node is not
     compressed by default. (The integration tests compress only the image they check.)"""

@@ -87,18 +87,40 @@ def serve():
 
 def os_list(url_base: str) -> bytes:
     def item(name, fn, date):
-        return {"name": name, "description": "x", "url": url_base + fn, "extract_size": len(RAW),
-                "extract_sha256": SHA_RAW, "image_download_size": len(XZ), "image_download_sha256": SHA_XZ,
-                "release_date": date, "devices": ["pi4-64bit"], "init_format": "cloudinit-rpi"}
+        return {
+            "name": name,
+            "description": "x",
+            "url": url_base + fn,
+            "extract_size": len(RAW),
+            "extract_sha256": SHA_RAW,
+            "image_download_size": len(XZ),
+            "image_download_sha256": SHA_XZ,
+            "release_date": date,
+            "devices": ["pi4-64bit"],
+            "init_format": "cloudinit-rpi",
+        }
 
-    return json.dumps({"os_list": [
-        {"name": "Raspberry Pi OS (64-bit)", "url": url_base + "desktop.img.xz", "release_date": "2025-10-01"},
-        {"name": "Raspberry Pi OS (other)", "subitems": [
-            item("Raspberry Pi OS Lite (64-bit)", "trixie.img.xz", "2025-10-01"),
-            item("Raspberry Pi OS Lite (64-bit)", "trixie-old.img.xz", "2025-09-01"),
-            item("Raspberry Pi OS (Legacy, 64-bit) Lite", "bookworm.img.xz", "2025-05-13"),
-        ]},
-    ]}).encode()
+    return json.dumps(
+        {
+            "os_list": [
+                {
+                    "name": "Raspberry Pi OS (64-bit)",
+                    "url": url_base + "desktop.img.xz",
+                    "release_date": "2025-10-01",
+                },
+                {
+                    "name": "Raspberry Pi OS (other)",
+                    "subitems": [
+                        item("Raspberry Pi OS Lite (64-bit)", "trixie.img.xz", "2025-10-01"),
+                        item("Raspberry Pi OS Lite (64-bit)", "trixie-old.img.xz", "2025-09-01"),
+                        item(
+                            "Raspberry Pi OS (Legacy, 64-bit) Lite", "bookworm.img.xz", "2025-05-13"
+                        ),
+                    ],
+                },
+            ]
+        }
+    ).encode()
 
 
 @pytest.fixture
@@ -117,8 +139,12 @@ def test_parse_spec(tmp_path):
     (tmp_path / "x.img").write_bytes(b"x")
     s = fetch.parse_base_spec("x.img", relative_to=tmp_path)
     assert s.kind == "path" and s.value == str(tmp_path / "x.img")
-    for bad, msg in [("raspios-full", "not a known image name"), ("ftp://x/a.img.xz", "not an http"),
-                     ("https://example.org/a.zip", "must end with"), (str(tmp_path / "missing.img"), "does not exist")]:
+    for bad, msg in [
+        ("raspios-full", "not a known image name"),
+        ("ftp://x/a.img.xz", "not an http"),
+        ("https://example.org/a.zip", "must end with"),
+        (str(tmp_path / "missing.img"), "does not exist"),
+    ]:
         with pytest.raises(UserError, match=msg):
             fetch.parse_base_spec(bad, relative_to=tmp_path)
     with pytest.raises(UserError, match="64 hexadecimal"):
@@ -126,13 +152,19 @@ def test_parse_spec(tmp_path):
 
 
 def test_imager_newest_lite_and_legacy(server, tmp_path):
-    img = fetch.fetch_base(fetch.parse_base_spec("raspios-lite-arm64"), cache=tmp_path,
-                           os_list_url=server.url + "os_list.json")
+    img = fetch.fetch_base(
+        fetch.parse_base_spec("raspios-lite-arm64"),
+        cache=tmp_path,
+        os_list_url=server.url + "os_list.json",
+    )
     assert img.source.endswith("/trixie.img.xz") and img.release_date == "2025-10-01"
     assert img.sha256 == SHA_XZ and img.path.read_bytes() == RAW and img.size == len(RAW)
     assert img.path.stat().st_blocks * 512 < len(RAW)  # zero runs became holes
-    legacy = fetch.fetch_base(fetch.parse_base_spec("raspios-lite-arm64-legacy"), cache=tmp_path / "l",
-                              os_list_url=server.url + "os_list.json")
+    legacy = fetch.fetch_base(
+        fetch.parse_base_spec("raspios-lite-arm64-legacy"),
+        cache=tmp_path / "l",
+        os_list_url=server.url + "os_list.json",
+    )
     assert legacy.source.endswith("/bookworm.img.xz")
 
 
@@ -177,7 +209,9 @@ def test_checksum_mismatch_deletes_download(server, tmp_path):
     wrong = "0" * 64
     with pytest.raises(ChecksumError) as ei:
         fetch.fetch_base(fetch.parse_base_spec(server.url + "plain.img.xz", wrong), cache=tmp_path)
-    assert wrong in ei.value.message and SHA_XZ in ei.value.message and "deleted" in ei.value.message
+    assert (
+        wrong in ei.value.message and SHA_XZ in ei.value.message and "deleted" in ei.value.message
+    )
     assert not list(tmp_path.rglob("*.part")) and not (tmp_path / "images" / wrong).exists()
 
 
@@ -190,8 +224,13 @@ def test_corrupted_download(server, tmp_path):
 
 def test_unreachable_server_is_one_line(tmp_path):
     with pytest.raises(BuildError) as ei:
-        fetch.fetch_base(fetch.parse_base_spec("http://127.0.0.1:9/a.img.xz", SHA_XZ), cache=tmp_path)
-    assert "cannot download http://127.0.0.1:9/a.img.xz" in ei.value.message and "\n" not in ei.value.message
+        fetch.fetch_base(
+            fetch.parse_base_spec("http://127.0.0.1:9/a.img.xz", SHA_XZ), cache=tmp_path
+        )
+    assert (
+        "cannot download http://127.0.0.1:9/a.img.xz" in ei.value.message
+        and "\n" not in ei.value.message
+    )
 
 
 def test_mirror_rewrite(server, tmp_path):

@@ -18,8 +18,8 @@ import yaml
 
 from piimage import inventory as inv
 from piimage import render, secrets
-from piimage.profiles import Profile, load_profiles, profile_dirs
 from piimage.errors import InventoryError, UserError
+from piimage.profiles import Profile, load_profiles, profile_dirs
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH3903J3epy2OvY9kxA4Gr+Ix0/+xMkM+jxK162Gs/b2 me@laptop"
 KEY2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKJ5Y1q6zkUiqsUVxXEC4zyVTrxPwtw9YbHhnTZ6Bzx0 other@desk"
@@ -623,7 +623,9 @@ def test_timezone_checked_against_the_zone_database(tmp_path, monkeypatch):
     assert problems(tmp_path, edit("name: lab", "name: lab\ntimezone: Europe/Londn")) == [
         f"cluster.yaml:2: timezone: unknown time zone 'Europe/Londn' (did you mean 'Europe/London'?); see {zi}"
     ]
-    monkeypatch.setattr(inv.rules, "ZONEINFO", tmp_path / "none")  # no tz database here: the form only
+    monkeypatch.setattr(
+        inv.rules, "ZONEINFO", tmp_path / "none"
+    )  # no tz database here: the form only
     assert (
         load(tmp_path, edit("name: lab", "name: lab\ntimezone: Europe/Londn")).timezone
         == "Europe/Londn"

@@ -219,7 +219,12 @@ KINDS = {
     "compute": (
         "node01",
         False,
-        {**COMMON, **CLIENT, "55-slurm": SLURM | RESTART_SLURMD, "65-shared": CLIENT["65-shared"] | MPI},
+        {
+            **COMMON,
+            **CLIENT,
+            "55-slurm": SLURM | RESTART_SLURMD,
+            "65-shared": CLIENT["65-shared"] | MPI,
+        },
         0o755,
     ),
     # a role of the user's: SLURM client, munge and the NFS mount, but no Open MPI, no slurmd

@@ -24,7 +24,10 @@ def image(tmp_path):
 def test_compress_round_trip(image, fmt):
     packed = compress(image, fmt)
     assert packed.name == "node01.img" + SUFFIX[fmt]
-    assert subprocess.run([*DECOMPRESS[fmt], str(packed)], capture_output=True, check=True).stdout == image.read_bytes()
+    assert (
+        subprocess.run([*DECOMPRESS[fmt], str(packed)], capture_output=True, check=True).stdout
+        == image.read_bytes()
+    )
     digest = hashlib.sha256(packed.read_bytes()).hexdigest()
     assert packed.with_name(packed.name + ".sha256").read_text() == f"{digest}  {packed.name}\n"
     assert not [p for p in image.parent.iterdir() if p.name.startswith(".")]
@@ -38,13 +41,30 @@ def test_repo_manifest_and_sums(image, tmp_path):
     out = image.parent
     compress(image, "xz")
     raw_sha = hashlib.sha256(image.read_bytes()).hexdigest()
-    doc = update_manifest(out / "manifest.json", {"name": "lab"}, {"name": "base", "sha256": "0" * 64},
-                          {"node01": {"role": "compute", "image": "node01.img", "sha256": raw_sha, "release_date": "2026-11-24"}})
+    doc = update_manifest(
+        out / "manifest.json",
+        {"name": "lab"},
+        {"name": "base", "sha256": "0" * 64},
+        {
+            "node01": {
+                "role": "compute",
+                "image": "node01.img",
+                "sha256": raw_sha,
+                "release_date": "2026-11-24",
+            }
+        },
+    )
     # a later build of another node keeps node01's entry
-    doc = update_manifest(out / "manifest.json", {"name": "lab"}, {"name": "base", "sha256": "0" * 64},
-                          {"node02": {"role": "compute", "image": "node02.img", "sha256": "1" * 64}})
+    doc = update_manifest(
+        out / "manifest.json",
+        {"name": "lab"},
+        {"name": "base", "sha256": "0" * 64},
+        {"node02": {"role": "compute", "image": "node02.img", "sha256": "1" * 64}},
+    )
     assert set(doc["nodes"]) == {"node01", "node02"}
-    repo = json.loads(write_imager_repo(out, "lab", doc["nodes"], "https://example.org/lab/").read_text())
+    repo = json.loads(
+        write_imager_repo(out, "lab", doc["nodes"], "https://example.org/lab/").read_text()
+    )
     (item,) = repo["os_list"]  # node02.img does not exist: not listed
     xz = out / "node01.img.xz"
     assert item["url"] == "https://example.org/lab/node01.img.xz"

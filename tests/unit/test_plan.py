@@ -7,8 +7,10 @@ import pytest
 from piimage import build
 from piimage import inventory as inv
 
-pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None,
-                                reason="the cluster's keys are made with ssh-keygen (openssh-client)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("ssh-keygen") is None,
+    reason="the cluster's keys are made with ssh-keygen (openssh-client)",
+)
 
 YAML = """\
 name: lab
@@ -43,8 +45,12 @@ def test_cluster_files_identical_and_per_node(tmp_path):
     keys = {files(bp, h)["/etc/munge/munge.key"].data for h in ("head", "node01", "node02")}
     assert len(keys) == 1 and len(keys.pop()) == 1024
     assert files(bp, "node01")["/etc/hostname"].data == b"node01\n"
-    assert b"address1=10.0.0.12/24,10.0.0.1" in files(bp, "node02")[
-        "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection"].data
+    assert (
+        b"address1=10.0.0.12/24,10.0.0.1"
+        in files(bp, "node02")[
+            "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection"
+        ].data
+    )
     assert "slurmd" not in bp.profiles["head"].packages
     assert (tmp_path / ".piimage" / "secrets").stat().st_mode & 0o777 == 0o700
 
@@ -54,7 +60,11 @@ def test_head_that_runs_jobs_gets_slurmd(tmp_path):
     conf = files(bp, "head")["/etc/slurm/slurm.conf"].data.decode()
     assert "NodeName=head NodeAddr=10.0.0.10" in conf and "Nodes=head,node01,node02" in conf
     head = bp.profiles["head"]
-    assert "slurmd" in head.packages and "slurmd.service" in head.enable and "slurmd.service" not in head.disable
+    assert (
+        "slurmd" in head.packages
+        and "slurmd.service" in head.enable
+        and "slurmd.service" not in head.disable
+    )
 
 
 def test_missing_layers_are_built_side_by_side_and_cached_ones_kept(tmp_path, monkeypatch):
@@ -88,7 +98,10 @@ def test_missing_layers_are_built_side_by_side_and_cached_ones_kept(tmp_path, mo
     monkeypatch.setattr(layers, "ensure_layer", fake)
     out = layers.ensure_layers(None, wanted, [])
     assert out[mk("login").key()] == cached
-    assert out[mk("head").key()] == tmp_path / "head.img" and out[mk("compute").key()] == tmp_path / "compute.img"
+    assert (
+        out[mk("head").key()] == tmp_path / "head.img"
+        and out[mk("compute").key()] == tmp_path / "compute.img"
+    )
     assert peak[0] == 2 and sorted(calls) == [("compute", True), ("head", True)]
 
 

@@ -27,9 +27,9 @@ from piimage.rehearse import (
     Hub,
     Rehearsal,
     Report,
-    _idle_nodes,
     _console_trouble,
     _failed_units_text,
+    _idle_nodes,
     _overlay_tar,
     _unmunge_error,
     vm_memory_mb,
@@ -37,13 +37,17 @@ from piimage.rehearse import (
 
 
 def test_newc_archive_reads_back_with_cpio(tmp_path):
-    data = newc_archive([
-        ("bin", stat.S_IFDIR | 0o755, b""),
-        ("bin/busybox", stat.S_IFREG | 0o755, b"\x7fELF" + b"x" * 1001),
-        ("init", stat.S_IFREG | 0o755, b"#!/bin/busybox sh\n"),
-    ])
+    data = newc_archive(
+        [
+            ("bin", stat.S_IFDIR | 0o755, b""),
+            ("bin/busybox", stat.S_IFREG | 0o755, b"\x7fELF" + b"x" * 1001),
+            ("init", stat.S_IFREG | 0o755, b"#!/bin/busybox sh\n"),
+        ]
+    )
     assert len(data) % 4 == 0 and data.startswith(b"070701")
-    listing = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout.decode()
+    listing = subprocess.run(
+        ["cpio", "-itv"], input=data, capture_output=True, check=True
+    ).stdout.decode()
     names = [line.split()[-1] for line in listing.splitlines()]
     assert names == ["bin", "bin/busybox", "init"]
     subprocess.run(["cpio", "-id", "--quiet"], input=data, cwd=tmp_path, check=True)
@@ -115,8 +119,11 @@ def _fake_agent(path: Path, answers: dict[str, tuple[int, str]], ready: threadin
 def test_agent_call_round_trip_and_timeout(tmp_path):
     path = tmp_path / "node.agent"
     ready = threading.Event()
-    t = threading.Thread(target=_fake_agent, args=(path, {"hostname": (0, "node01\n"), "false": (1, "")}, ready),
-                         daemon=True)
+    t = threading.Thread(
+        target=_fake_agent,
+        args=(path, {"hostname": (0, "node01\n"), "false": (1, "")}, ready),
+        daemon=True,
+    )
     t.start()
     ready.wait(5)
     agent = Agent(path)
@@ -134,7 +141,11 @@ def test_overlay_adds_only_the_agent_and_emulation_timeouts():
 
     with tarfile.open(fileobj=io.BytesIO(_overlay_tar())) as tar:
         members = {m.name: m for m in tar.getmembers()}
-        timeouts = tar.extractfile("etc/systemd/system.conf.d/90-piimage-rehearsal-timeouts.conf").read().decode()
+        timeouts = (
+            tar.extractfile("etc/systemd/system.conf.d/90-piimage-rehearsal-timeouts.conf")
+            .read()
+            .decode()
+        )
         unit = tar.extractfile("etc/systemd/system/piimage-rehearsal-agent.service").read().decode()
     assert set(members) == {
         "usr/local/sbin/piimage-rehearsal-agent",
@@ -154,16 +165,23 @@ def test_overlay_adds_only_the_agent_and_emulation_timeouts():
 
 def test_failed_boot_is_described_from_units_and_console(tmp_path):
     console = tmp_path / "node01.console.log"
-    console.write_text("[  OK  ] Started foo\n"
-                       "[ TIME ] Timed out waiting for device dev-disk-by\\x2dpartuuid-1234\\x2d01.device\n"
-                       "[DEPEND] Dependency failed for boot-firmware.mount - /boot/firmware.\n"
-                       "You are in emergency mode. After logging in, type \"journalctl -xb\"\n"
-                       "[  OK  ] Reached target bar\n")
+    console.write_text(
+        "[  OK  ] Started foo\n"
+        "[ TIME ] Timed out waiting for device dev-disk-by\\x2dpartuuid-1234\\x2d01.device\n"
+        "[DEPEND] Dependency failed for boot-firmware.mount - /boot/firmware.\n"
+        'You are in emergency mode. After logging in, type "journalctl -xb"\n'
+        "[  OK  ] Reached target bar\n"
+    )
     text = _console_trouble(console)
-    assert "Timed out waiting for device" in text and "Dependency failed for boot-firmware.mount" in text
+    assert (
+        "Timed out waiting for device" in text
+        and "Dependency failed for boot-firmware.mount" in text
+    )
     assert "emergency mode" in text and "Started foo" not in text
-    assert _failed_units_text({"failed": "boot-firmware.mount local-fs.target "}) == \
-        "failed units: boot-firmware.mount, local-fs.target"
+    assert (
+        _failed_units_text({"failed": "boot-firmware.mount local-fs.target "})
+        == "failed units: boot-firmware.mount, local-fs.target"
+    )
     assert _unmunge_error("unmunge: Error: Invalid credential\n") == "Invalid credential"
     assert _unmunge_error("STATUS:          Expired credential (15)\n") == "Expired credential (15)"
 
@@ -177,10 +195,24 @@ def test_memory_and_sinfo_parsing():
 
 
 def test_report_text_names_failing_node_and_check():
-    r = Report("lab", ["head", "node01"], "6.12.1-arm64", {"head": 50.0, "node01": None}, None,
-               [Check("boot", "head", True, "booted in 50 s"),
-                Check("munge", "node01", False, "node01 cannot decode a credential from head", "STATUS: Invalid")],
-               logs="/out/lab/rehearsal")
+    r = Report(
+        "lab",
+        ["head", "node01"],
+        "6.12.1-arm64",
+        {"head": 50.0, "node01": None},
+        None,
+        [
+            Check("boot", "head", True, "booted in 50 s"),
+            Check(
+                "munge",
+                "node01",
+                False,
+                "node01 cannot decode a credential from head",
+                "STATUS: Invalid",
+            ),
+        ],
+        logs="/out/lab/rehearsal",
+    )
     text = r.text()
     assert not r.ok
     assert "node01       did not boot" in text and "cluster never became ready" in text
@@ -196,8 +228,14 @@ class _Cluster:
 
 def _node(name: str, role: str, jobs: bool) -> Node:
     packages = ("slurmctld", "munge") if role == "head" else ("slurmd", "munge")
-    return Node(name, role, IPv4Address("10.0.0.10"), Hardware("pi4-2gb", 4, 1800), jobs,
-                facts=RoleFacts.of(packages + (("slurmd",) if jobs else ())))
+    return Node(
+        name,
+        role,
+        IPv4Address("10.0.0.10"),
+        Hardware("pi4-2gb", 4, 1800),
+        jobs,
+        facts=RoleFacts.of(packages + (("slurmd",) if jobs else ())),
+    )
 
 
 def test_inputs_are_checked_before_anything_starts(tmp_path):

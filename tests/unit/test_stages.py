@@ -52,8 +52,9 @@ enable: [x.service]
 """,
         {"a.j2": "host={{ node.hostname }}\n"},
     )
-    plan = plan_node(discover([tmp_path]), ctx(), hostname="n1", role="compute",
-                     secrets={"k": b"\x00\x01"})
+    plan = plan_node(
+        discover([tmp_path]), ctx(), hostname="n1", role="compute", secrets={"k": b"\x00\x01"}
+    )
     files = {f.path: f for f in plan.files}
     assert files["/etc/n1.conf"].data == b"host=n1\n"
     assert files["/etc/n1.conf"].mode == 0o600
@@ -64,15 +65,20 @@ enable: [x.service]
 
 
 def test_missing_variable_is_an_error(tmp_path):
-    write_stage(tmp_path, "10-a", "files: [{path: /etc/x, template: a.j2}]\n",
-                {"a.j2": "{{ nope }}\n"})
+    write_stage(
+        tmp_path, "10-a", "files: [{path: /etc/x, template: a.j2}]\n", {"a.j2": "{{ nope }}\n"}
+    )
     with pytest.raises(UserError, match="nope"):
         plan_node(discover([tmp_path]), ctx(), hostname="n1", role="compute", secrets={})
 
 
 def test_role_filter_and_scope(tmp_path):
-    write_stage(tmp_path, "10-head", "roles: [head]\nfiles: [{path: /etc/h, template: a.j2}]\n",
-                {"a.j2": "h\n"})
+    write_stage(
+        tmp_path,
+        "10-head",
+        "roles: [head]\nfiles: [{path: /etc/h, template: a.j2}]\n",
+        {"a.j2": "h\n"},
+    )
     write_stage(tmp_path, "20-role", "scope: role\npackages: [slurmd]\n")
     plan = plan_node(discover([tmp_path]), ctx(), hostname="n1", role="compute", secrets={})
     assert plan.files == ()

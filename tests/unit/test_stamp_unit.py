@@ -32,8 +32,14 @@ def test_rewrite_accounts():
     out = _rewrite_accounts(group, "pi", "admin", members_field=3)
     assert out == "sudo:x:27:admin\nadmin:x:1000:\nadm:x:4:syslog,admin\n"
     shadow = "pi:*:19000:0:99999:7:::\n"
-    assert _rewrite_accounts(shadow, "pi", "admin", hash_field=1, password_hash="$6$s$h") == "admin:$6$s$h:19000:0:99999:7:::\n"
-    assert _rewrite_accounts(shadow, "pi", "admin", hash_field=1, password_hash=None) == "admin:*:19000:0:99999:7:::\n"
+    assert (
+        _rewrite_accounts(shadow, "pi", "admin", hash_field=1, password_hash="$6$s$h")
+        == "admin:$6$s$h:19000:0:99999:7:::\n"
+    )
+    assert (
+        _rewrite_accounts(shadow, "pi", "admin", hash_field=1, password_hash=None)
+        == "admin:*:19000:0:99999:7:::\n"
+    )
 
 
 def test_install_section():

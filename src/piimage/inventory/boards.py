@@ -31,5 +31,7 @@ BOARDS: dict[str, Board] = {
     "pi5-16gb": Board("pi5", 4, 15600, 16100, False),
 }
 # (CPUs, RealMemory) by model, as the inventory reads them.
-HARDWARE_MODELS: dict[str, tuple[int, int]] = {m: (b.cpus, b.real_memory_mb) for m, b in BOARDS.items()}
+HARDWARE_MODELS: dict[str, tuple[int, int]] = {
+    m: (b.cpus, b.real_memory_mb) for m, b in BOARDS.items()
+}
 POE_HATS = ("rpi-poe", "rpi-poe-plus")

@@ -99,4 +99,3 @@ def _yaml_text(value: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9~./][A-Za-z0-9 ~./@+=_-]*", value) and not value.endswith(" "):
         return value
     return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
-

@@ -388,9 +388,7 @@ def _node(
         return None
     profile = roles[role]
     if profile.facts.slurmd and runs_jobs is False:
-        ck.add(
-            p + ("runs_jobs",), f"a {role} node always runs jobs; give it another role instead"
-        )
+        ck.add(p + ("runs_jobs",), f"a {role} node always runs jobs; give it another role instead")
     runs_jobs = profile.facts.slurmd if runs_jobs is None else runs_jobs
     if host and ip and hw:
         return Node(host, role, ip, hw, runs_jobs, effective(profile, runs_jobs).facts)
@@ -530,4 +528,3 @@ def _validate(
         stages=stages,
         roles=roles,
     )
-

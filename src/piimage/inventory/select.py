@@ -71,7 +71,6 @@ def select_nodes(
     return (node,)
 
 
-
 def _named(cluster: Cluster, names: Sequence[str]) -> tuple[Node, ...]:
     chosen = []
     for name in names:

@@ -13,8 +13,13 @@ from ..log import log
 from .located import _Checker, _resolve_path
 
 KEY_TYPES = {
-    "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
 }
 MAX_KEY_FILE = 64 * 1024
 
@@ -165,4 +170,3 @@ def default_key_files(home: Path | None = None) -> list[str]:
         else:
             found.append(f"~/.ssh/{f.name}")
     return found
-
