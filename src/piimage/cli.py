@@ -85,6 +85,18 @@ inventory_option = click.option(
 )
 
 
+def out_option(help: str):
+    """--out, the folder whose <cluster>/ holds the images (build writes there, rehearse reads)."""
+    return click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=Path("out"),
+        show_default=True,
+        help=help,
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="piimage")
 def main() -> None:
@@ -101,14 +113,7 @@ def main() -> None:
     is_flag=True,
     help="Build every node of the inventory (with --role: every node of that role).",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("out"),
-    show_default=True,
-    help="Output directory; images go to OUT/<cluster>/.",
-)
+@out_option("Output directory; images go to OUT/<cluster>/.")
 @click.option(
     "--base",
     help="Base image: raspios-lite-arm64[-legacy], an https://….img.xz URL, or a local .img/.img.xz (overrides the inventory).",
@@ -200,13 +205,8 @@ def check(inventory, verbose, quiet):
 
 @main.command()
 @inventory_option
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("out"),
-    show_default=True,
-    help="Where the built images are (OUT/<cluster>/<node>.img); logs go to OUT/<cluster>/rehearsal/.",
+@out_option(
+    "Where the built images are (OUT/<cluster>/<node>.img); logs go to OUT/<cluster>/rehearsal/."
 )
 @click.option(
     "--nodes", help="Comma-separated nodes to boot (default: every node); must include the head."

@@ -62,3 +62,25 @@ def piimage(
 
 def pubkey(env) -> str:
     return (Path(env["HOME"]) / ".ssh" / "id_ed25519.pub").read_text().strip()
+
+
+def home_with_key(home: Path, comment: str) -> Path:
+    """A HOME with ~/.ssh/id_ed25519(.pub), as a user's laptop has: the default cluster takes
+    the admin's key from there."""
+    (home / ".ssh").mkdir(mode=0o700)
+    subprocess.run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            comment,
+            "-f",
+            str(home / ".ssh" / "id_ed25519"),
+        ],
+        check=True,
+    )
+    return home

@@ -65,7 +65,7 @@ from pathlib import Path
 
 import phases
 import pytest
-from clihelp import PERSISTENT_CACHE
+from clihelp import PERSISTENT_CACHE, home_with_key
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN_SCRIPT = REPO / "scripts" / "standin-image"
@@ -314,23 +314,7 @@ def standin_raw(standin, tmp_path_factory):
 # download cache per session, role layers and apt archives kept in the machine's cache.
 @pytest.fixture(scope="session")
 def env(tmp_path_factory, standin_server):
-    home = tmp_path_factory.mktemp("home")
-    (home / ".ssh").mkdir(mode=0o700)
-    subprocess.run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "tester@laptop",
-            "-f",
-            str(home / ".ssh" / "id_ed25519"),
-        ],
-        check=True,
-    )
+    home = home_with_key(tmp_path_factory.mktemp("home"), "tester@laptop")
     e = dict(os.environ)
     e.pop("SUDO_USER", None)
     e.update(

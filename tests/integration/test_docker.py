@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clihelp import home_with_key
 from phases import record
 from readback import fsck_partitions, open_images
 
@@ -216,23 +217,7 @@ def _leftover_state(docker: str, roots: tuple[str, ...]) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def docker_build(docker, builder_image, standin_bookworm, tmp_path_factory):
     """The README's command in a directory with a cluster.yaml, as a user who is not root."""
-    home = tmp_path_factory.mktemp("docker-home")
-    (home / ".ssh").mkdir(mode=0o700)
-    subprocess.run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "alice@laptop",
-            "-f",
-            str(home / ".ssh" / "id_ed25519"),
-        ],
-        check=True,
-    )
+    home = home_with_key(tmp_path_factory.mktemp("docker-home"), "alice@laptop")
     cwd = tmp_path_factory.mktemp("docker-cluster")
     (cwd / "cluster.yaml").write_text(CLUSTER_YAML)
     os.chown(cwd, *WORKDIR_OWNER)
