@@ -36,6 +36,7 @@ from typing import Any
 
 from .errors import BuildError, PiimageError, UserError
 from .fsutil import write_atomic
+from . import piboot
 from .guestkernel import GuestKernel, guest_kernel
 from .inventory import Cluster, Node
 from .log import log
@@ -112,6 +113,9 @@ comm = MPI.COMM_WORLD
 total = comm.allreduce(comm.Get_rank() + 1)
 print(f"rank {comm.Get_rank()} of {comm.Get_size()} on {MPI.Get_processor_name()}: sum {total}", flush=True)
 """
+
+
+MAX_REBOOTS = 3  # Raspberry Pi OS reboots once on a first boot (bookworm's init=firstboot)
 
 
 class RehearsalFailed(PiimageError):
@@ -272,9 +276,12 @@ class NodeState:
     console: Path
     agent: Agent
     memory_mb: int
+    index: int = 0  # the node's place on the virtual network (its MAC)
     proc: Any = None
     started: float = 0.0
     boot_s: float | None = None
+    cmdlines: list = field(default_factory=list)  # the kernel command line of each boot
+    reboots: int = 0
     failed: str | None = None  # why this node cannot become ready (stops waiting on it)
     done: set = field(default_factory=set)  # milestones reached ("munge", "slurmd", …)
     last: dict = field(default_factory=dict)  # the last readiness probe
@@ -327,12 +334,6 @@ class Report:
         lines.append("rehearsal passed" if self.ok else
                      "rehearsal FAILED: " + "; ".join(f"{c.node}: {c.name}" for c in self.checks if not c.ok))
         return "\n".join(lines)
-
-
-def vm_memory_mb(model: str) -> int:
-    """The board's RAM, from the model name (pi4-2gb → 2048)."""
-    m = re.search(r"-(\d+)gb$", model)
-    return int(m.group(1)) * 1024 if m else 2048
 
 
 def _host_available_mb() -> int:
@@ -404,8 +405,9 @@ class Rehearsal:
         """Overlays for every node (the agent added), the kernel for their release."""
         from .image import GuestSession
 
+        self.run_dir = run_dir
         self.logs.mkdir(parents=True, exist_ok=True)
-        want = {n.hostname: vm_memory_mb(n.hardware.model) for n in self.nodes}
+        want = {n.hostname: piboot.vm_memory_mb(n.hardware.model) for n in self.nodes}
         budget = int(_host_available_mb() * 0.8)
         if sum(want.values()) > budget:
             scale = budget / sum(want.values())
@@ -415,12 +417,14 @@ class Rehearsal:
         for n in self.nodes:
             img = (self.images / f"{n.hostname}.img").resolve()
             ov = run_dir / f"{n.hostname}.qcow2"
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img, ov],
+            # the card is larger than the image, as the SD card a user flashes is
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img, ov,
+                 str(max(piboot.CARD_BYTES, img.stat().st_size))],
                 what=f"qemu-img create (overlay for {n.hostname})")
             console = self.logs / f"{n.hostname}.console.log"
             console.unlink(missing_ok=True)
             self.states[n.hostname] = NodeState(n, img, ov, console, Agent(run_dir / f"{n.hostname}.agent"),
-                                                want[n.hostname])
+                                                want[n.hostname], index=len(self.states) + 1)
         tar = _overlay_tar()
         suites = set()
         with GuestSession([s.overlay for s in self.states.values()]) as gs:
@@ -438,16 +442,20 @@ class Rehearsal:
                             "rebuild them from one base")
         self.kernel = guest_kernel(suites.pop())
 
-    def qemu_command(self, st: NodeState, hub_port: int, index: int) -> list[str]:
+    def qemu_command(self, st: NodeState, hub_port: int, cmdline: str) -> list[str]:
+        """One power-on of a node. The Raspberry Pi parts (command line, memory, clock, card
+        size) come from piboot.py; QEMU exits when the guest reboots (-no-reboot), and the
+        rehearsal powers it on again with the card's cmdline.txt read anew, as a Pi's
+        firmware would."""
         assert self.kernel is not None
         cpus = st.node.hardware.cpus
-        mac = f"52:54:00:5e:{index // 256:02x}:{index % 256:02x}"
+        mac = f"52:54:00:5e:{st.index // 256:02x}:{st.index % 256:02x}"
         return [
             "qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", str(cpus),
-            "-m", str(st.memory_mb), "-accel", "tcg,thread=multi",
+            "-m", str(st.memory_mb), "-accel", "tcg,thread=multi", *piboot.RTC_ARGS,
             "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.kernel.initrd),
-            "-append", "console=ttyAMA0 root=/dev/vda2 rw net.ifnames=0 panic=10",
+            "-append", cmdline,
             "-drive", f"file={st.overlay},format=qcow2,if=none,id=root,cache=unsafe",
             "-device", "virtio-blk-pci,drive=root",
             "-drive", f"file={self.kernel.modules_disk},format=raw,if=none,id=mods,readonly=on",
@@ -457,7 +465,8 @@ class Rehearsal:
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=agent,path={st.agent.path},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
-            "-serial", f"file:{st.console}",
+            # every power-on appends to the one console log
+            "-chardev", f"file,id=console,path={st.console},append=on", "-serial", "chardev:console",
             "-object", "rng-random,filename=/dev/urandom,id=rng0", "-device", "virtio-rng-pci,rng=rng0",
         ]
 
@@ -467,18 +476,40 @@ class Rehearsal:
 
     def boot(self, hub: Hub) -> None:
         self.t0 = time.monotonic()
-        for i, st in enumerate(self.states.values(), start=1):
-            st.proc = spawn(self.qemu_command(st, hub.port, i), what=f"booting {st.name}")
+        self.hub_port = hub.port
+        for st in self.states.values():
+            self._power_on(st)
             st.started = time.monotonic()
-            log.info("%s: booting (%d CPUs, %d MiB)", st.name, st.node.hardware.cpus, st.memory_mb)
+            log.info("%s: booting (%d CPUs, %d MiB): %s", st.name, st.node.hardware.cpus, st.memory_mb,
+                     st.cmdlines[-1])
         for st in self.states.values():
             st.agent.connect()
 
+    def _power_on(self, st: NodeState) -> None:
+        cmdline = piboot.kernel_cmdline(st.node.hardware.model, piboot.card_cmdline_txt(st.overlay, self.run_dir))
+        st.cmdlines.append(cmdline)
+        st.proc = spawn(self.qemu_command(st, self.hub_port, cmdline), what=f"booting {st.name}")
+
     def _alive(self, st: NodeState) -> bool:
-        if st.proc is not None and st.proc.poll() is not None and not st.failed:
-            st.failed = f"QEMU exited (code {st.proc.returncode}); see {st.console}"
-            log.info("%s: %s", st.name, st.failed)
-        return st.failed is None
+        """False once a node cannot come up; a node that rebooted (a first boot may) is
+        powered on again, at most MAX_REBOOTS times."""
+        if st.proc is None or st.proc.poll() is None or st.failed:
+            return st.failed is None
+        trouble = [ln for ln in _read(st.console).splitlines() if "rehearsal initrd: FAILED" in ln]
+        if st.proc.returncode != 0 or trouble:
+            st.failed = (trouble[-1].split("rehearsal initrd: ", 1)[1] if trouble else
+                         f"QEMU exited (code {st.proc.returncode})") + f"; see {st.console}"
+        elif st.reboots >= MAX_REBOOTS:
+            st.failed = f"rebooted {st.reboots + 1} times without coming up; see {st.console}"
+        else:
+            st.reboots += 1
+            st.agent.close()
+            self._power_on(st)
+            st.agent.connect()
+            log.info("%s: rebooted (%.0f s); powered on again: %s", st.name, self.elapsed(), st.cmdlines[-1])
+            return True
+        log.info("%s: %s", st.name, st.failed)
+        return False
 
     def _units(self, st: NodeState) -> list[str]:
         f = st.node.facts  # the node's role facts (profiles.RoleFacts)
@@ -725,12 +756,16 @@ def _failed_units_text(probe: dict[str, str]) -> str:
     return "failed units: " + ", ".join(units) if units else "no failed unit listed"
 
 
-def _console_trouble(path: Path, n: int = 25) -> str:
-    """The console lines that explain a failed boot, else the console's last lines."""
+def _read(path: Path) -> str:
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _console_trouble(path: Path, n: int = 25) -> str:
+    """The console lines that explain a failed boot, else the console's last lines."""
+    lines = _read(path).splitlines()
     hits = [ln for ln in lines if _CONSOLE_TROUBLE.search(ln)]
     return "\n".join(hits[-n:] if hits else lines[-n:])
 
