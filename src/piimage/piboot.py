@@ -11,7 +11,7 @@ listed in ../shared/REAL-PIOS.md; this is our own code for the behaviour):
   UART. `kernel_cmdline()`, `card_cmdline_txt()`.
 - The Raspberry Pi kernel's defaults, which come from those bootargs: the memory cgroup
   controller is off (`cgroup_disable=memory`, in `bcm2711-rpi.dtsi` and `bcm2712-rpi.dtsi` of
-  raspberrypi/linux); `cgroup_enable=memory` later on the line turns it back on. `BOARDS`.
+  raspberrypi/linux); `cgroup_enable=memory` later on the line turns it back on. `BOOTARGS`.
 - The image's initramfs (Raspberry Pi OS's kernels load `initramfs8`/`initramfs_2712`, built
   with raspberrypi-sys-mods' hooks): `INITRAMFS_SCRIPT`, the rehearsal initrd's /init —
   - bookworm `local-premount/firstboot`: when `firstboot` is on the command line, partition 2
@@ -22,7 +22,7 @@ listed in ../shared/REAL-PIOS.md; this is our own code for the behaviour):
     and `cmdline.txt` follow it, with ` resize` dropped;
   - like initramfs-tools, the root is mounted read-only (unless `rw`) and `init=` is honoured.
 - The board: the memory its kernel reports (`MemTotal`, which `slurmd -C` gives as RealMemory),
-  not the nominal size (`BOARDS`, `vm_memory_mb()`); no real-time clock (a Pi 4 has none, a
+  not the nominal size (`inventory/boards.py`, `vm_memory_mb()`); no real-time clock (a Pi 4 has none, a
   Pi 5's keeps no time without a battery): the VM's clock starts at 1970 on every power-on, so
   the image's own means (fake-hwclock, timesyncd's clock file, NTP) must set it
   (`RTC_ARGS`); one wired NIC that the image itself must name `eth0` (its `.link` files), so
@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError
+from .inventory.boards import BOARDS, Board
 from .run import run
 
 CARD_BYTES = 8 << 30  # an 8 GB card: the smallest a cluster node is sold with
@@ -51,23 +51,7 @@ _PI5_BOOTARGS = ("reboot=w coherent_pool=1M 8250.nr_uarts=1 pci=pcie_bus_safe cg
                  "numa_policy=interleave")  # bcm2712-rpi.dtsi
 
 
-@dataclass(frozen=True)
-class Board:
-    bootargs: str
-    mem_total_mb: int  # MemTotal as the board's kernel reports it
-    measured: bool  # a published figure (REAL-PIOS.md §2.3), else estimated from the neighbours
-
-
-BOARDS: dict[str, Board] = {
-    "pi4-1gb": Board(_PI4_BOOTARGS, 870, False),
-    "pi4-2gb": Board(_PI4_BOOTARGS, 1853, True),
-    "pi4-4gb": Board(_PI4_BOOTARGS, 3789, True),
-    "pi4-8gb": Board(_PI4_BOOTARGS, 7807, True),
-    "pi5-2gb": Board(_PI5_BOOTARGS, 1900, False),
-    "pi5-4gb": Board(_PI5_BOOTARGS, 3950, False),
-    "pi5-8gb": Board(_PI5_BOOTARGS, 8030, True),
-    "pi5-16gb": Board(_PI5_BOOTARGS, 16100, False),
-}
+BOOTARGS = {"pi4": _PI4_BOOTARGS, "pi5": _PI5_BOOTARGS}
 
 
 def board(model: str) -> Board:
@@ -89,7 +73,7 @@ def kernel_cmdline(model: str, cmdline_txt: str) -> str:
     """What the firmware hands the kernel: the board's bootargs, then cmdline.txt's first line."""
     line = cmdline_txt.split("\n", 1)[0]
     words = [re.sub(r"^console=serial[01]\b", f"console={PRIMARY_UART}", w) for w in line.split()]
-    return " ".join([board(model).bootargs, *words])
+    return " ".join([BOOTARGS[board(model).family], *words])
 
 
 def card_cmdline_txt(card: Path, work: Path) -> str:

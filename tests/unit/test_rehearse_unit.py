@@ -18,6 +18,7 @@ import pytest
 from piimage.errors import UserError
 from piimage.guestkernel import newc_archive
 from piimage.inventory import Hardware, Node
+from piimage.profiles import RoleFacts
 from piimage.rehearse import (
     Agent,
     AgentTimeout,
@@ -30,7 +31,6 @@ from piimage.rehearse import (
     _failed_units_text,
     _overlay_tar,
     _unmunge_error,
-    vm_memory_mb,
 )
 
 
@@ -166,8 +166,7 @@ def test_failed_boot_is_described_from_units_and_console(tmp_path):
     assert _unmunge_error("STATUS:          Expired credential (15)\n") == "Expired credential (15)"
 
 
-def test_memory_and_sinfo_parsing():
-    assert vm_memory_mb("pi4-2gb") == 2048 and vm_memory_mb("pi5-16gb") == 16384
+def test_sinfo_parsing():
     assert _idle_nodes("node01:idle node02:down* head:mixed node03:idle") == {"node01", "node03"}
 
 
@@ -190,7 +189,9 @@ class _Cluster:
 
 
 def _node(name: str, role: str, jobs: bool) -> Node:
-    return Node(name, role, IPv4Address("10.0.0.10"), Hardware("pi4-2gb", 4, 1800), jobs)
+    packages = ("slurmctld", "munge") if role == "head" else ("slurmd", "munge")
+    return Node(name, role, IPv4Address("10.0.0.10"), Hardware("pi4-2gb", 4, 1800), jobs,
+                facts=RoleFacts.of(packages + (("slurmd",) if jobs else ())))
 
 
 def test_inputs_are_checked_before_anything_starts(tmp_path):
