@@ -187,7 +187,10 @@ class Publisher:
             "image": final.name,
             "sha256": digest,
             "size": final.stat().st_size,
+            # the card's identifier as flashed: Raspberry Pi OS's first boot replaces it with a
+            # random one (bookworm's firstboot, trixie's initramfs), and PARTUUIDs follow
             "disk_id": node_disk_id(self.bp.cluster.name, p.hostname),
+            "disk_id_after_first_boot": "random (set by Raspberry Pi OS on the card's first boot)",
             "role_layer": job.layer.name,
             "release_date": time.strftime("%Y-%m-%d"),
             "files": [

@@ -279,7 +279,7 @@ def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admi
     cmdline = disk.read_text(CMDLINE)
     if cmdline.rstrip("\n").count("\n"):
         raise BuildError(f"{where}: cmdline.txt has more than one line; the firmware reads only the first")
-    new_cmdline = replace_partuuids(cmdline, old_id, new_id, "cmdline.txt")
+    new_cmdline = with_kernel_words(replace_partuuids(cmdline, old_id, new_id, "cmdline.txt"))
     fstab = replace_partuuids(disk.read_text("/etc/fstab"), old_id, new_id, "/etc/fstab")
 
     # accounts, in memory
@@ -310,6 +310,9 @@ def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admi
         tar.dir(home, 0o700, uid, uid)
 
     tar.file("/etc/fstab", fstab.encode(), 0o644, 0, 0)
+    machine_id = first_boot_machine_id(disk.read_if_exists("/etc/machine-id"))
+    if machine_id is not None:
+        tar.file("/etc/machine-id", machine_id, 0o444, 0, 0)
     for path in sorted(acc.changed):
         mode, group = ACCOUNT_FILES[path]
         tar.file(path, acc.texts[path].encode(), mode, 0, acc.gid(group, where) if group != "root" else 0)
@@ -357,6 +360,34 @@ def _stamp_mounted(disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admi
 
 
 CMDLINE = "/boot/firmware/cmdline.txt"
+# Words piimage puts at the end of cmdline.txt, after Raspberry Pi OS's own (its first boot
+# strips those it added: bookworm's init=…/firstboot and quiet, trixie's resize). Raspberry Pi
+# kernels start with the memory cgroup controller off (`cgroup_disable=memory` in the
+# device-tree bootargs, which the firmware puts before cmdline.txt); Slurm's cgroup plugins
+# need it, and a later cgroup_enable=memory turns it back on.
+CMDLINE_WORDS = ("cgroup_enable=memory",)
+_MACHINE_ID = re.compile(rb"^[0-9a-f]{32}\n?$")
+
+
+def with_kernel_words(cmdline: str) -> str:
+    """cmdline.txt's one line with CMDLINE_WORDS at its end (each once)."""
+    line = cmdline.split("\n", 1)[0].rstrip()
+    words = line.split()
+    for w in CMDLINE_WORDS:
+        if w not in words:
+            line += " " + w
+    return line + "\n"
+
+
+def first_boot_machine_id(current: bytes | None) -> bytes | None:
+    """What /etc/machine-id must hold for the card's first boot, or None to keep the base's
+    own: Raspberry Pi OS ships it empty (bookworm) or `uninitialized` (trixie, which makes
+    systemd treat the boot as a first boot: ConditionFirstBoot units such as rpi-resize, the
+    preset pass). Only a real ID (which every node would share) is replaced, by
+    `uninitialized`, systemd's own word for "not yet" (machine-id(5))."""
+    if current is not None and _MACHINE_ID.match(current):
+        return b"uninitialized\n"
+    return None
 
 
 def _enable(disk: Disk, tar: TarBuilder, unit: str, plan_files: dict) -> None:

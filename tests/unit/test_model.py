@@ -162,15 +162,14 @@ COMMON = {
     "10-identity": {
         "/etc/hostname",
         "/etc/hosts",
-        "/etc/machine-id",
-        "/etc/ssh/ssh_host_ed25519_key",
-        "/etc/ssh/ssh_host_ed25519_key.pub",
+        "/etc/ssh/piimage/ssh_host_ed25519_key",
+        "/etc/ssh/piimage/ssh_host_ed25519_key.pub",
         "/etc/ssh/ssh_known_hosts",
         "->/var/lib/dbus/machine-id",
     },
     "20-network": {
         "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection",
-        "/etc/cloud/cloud.cfg.d/99-piimage.cfg",
+        "/etc/cloud/cloud.cfg.d/99_zz-piimage.cfg",
     },
     "30-admin": {
         "/home/alice/.ssh/authorized_keys",
@@ -189,7 +188,12 @@ COMMON = {
     "75-poe": set(),  # no file: lines appended to config.txt (checked below)
 }
 HEAD = {
-    "60-timesync": {"/etc/chrony/conf.d/piimage.conf"},
+    "60-timesync": {
+        "/etc/chrony/conf.d/piimage.conf",
+        "/etc/systemd/system/piimage-clock-save.service",
+        "/etc/systemd/system/piimage-clock-save.timer",
+        "->/etc/systemd/system/timers.target.wants/piimage-clock-save.timer",
+    },
     "65-shared": {
         "/etc/exports.d/piimage.exports",
         "/clusterfs/hostfile",
@@ -256,6 +260,7 @@ def test_render_matrix(matrix, kind):
         by_stage[link.stage].add("->" + link.path)
     assert by_stage == expected
     assert {d.path: d.mode for d in pn.stamp.dirs} == {
+        "/etc/ssh/piimage": 0o755,
         "/etc/munge": 0o700,
         "/clusterfs": share_mode,
     }

@@ -39,3 +39,22 @@ def test_rewrite_accounts():
 def test_install_section():
     unit = "[Unit]\nDescription=x\n[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\nAlias=sshd.service\n"
     assert _install_targets(unit) == (["multi-user.target"], [], ["sshd.service"])
+
+
+def test_cmdline_gets_the_memory_cgroup_back_at_its_end():
+    from piimage.stamp import with_kernel_words
+
+    trixie = "console=serial0,115200 console=tty1 root=PARTUUID=abcd1234-02 rootfstype=ext4 fsck.repair=yes rootwait resize\n"
+    out = with_kernel_words(trixie)
+    assert out == trixie.rstrip("\n") + " cgroup_enable=memory\n"
+    assert with_kernel_words(out) == out  # once
+    assert with_kernel_words("a b").count("\n") == 1
+
+
+def test_machine_id_keeps_the_first_boot_state_and_never_a_real_id():
+    from piimage.stamp import first_boot_machine_id
+
+    assert first_boot_machine_id(b"") is None  # bookworm: empty, kept
+    assert first_boot_machine_id(b"uninitialized\n") is None  # trixie: first boot, kept
+    assert first_boot_machine_id(None) is None
+    assert first_boot_machine_id(b"0123456789abcdef0123456789abcdef\n") == b"uninitialized\n"
