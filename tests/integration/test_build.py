@@ -62,7 +62,9 @@ def test_default_cluster_node02(node02_default, env):
             nm = "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection"
             assert v.mode(nm) == 0o600 and v.owner(nm) == (0, 0)
             assert "address1=10.42.0.12/24,10.42.0.1" in v.text(nm)
-            assert "network: {config: disabled}" in v.text("/etc/cloud/cloud.cfg.d/99-piimage.cfg")
+            # cloud-init: ours sorts after Raspberry Pi's 99_raspberry-pi.cfg, so it wins shared keys
+            assert "network: {config: disabled}" in v.text("/etc/cloud/cloud.cfg.d/99_zz-piimage.cfg")
+            assert sorted(["99_raspberry-pi.cfg", "99_zz-piimage.cfg"])[-1] == "99_zz-piimage.cfg"
             # the admin user replaced UID 1000 and has the key
             assert v.uid_of("admin") == 1000
             ak = "/home/admin/.ssh/authorized_keys"
@@ -72,18 +74,25 @@ def test_default_cluster_node02(node02_default, env):
             assert "PasswordAuthentication no" in v.text("/etc/ssh/sshd_config.d/50-piimage.conf")
             assert v.lexists("/etc/systemd/system/multi-user.target.wants/ssh.service")
             assert v.readlink("/etc/systemd/system/userconfig.service") == "/dev/null"
-            assert v.text("/etc/machine-id") == ""
+            # rename-user's "SSH may not work until a valid user has been set up" banner is gone
+            assert not v.exists("/etc/ssh/sshd_config.d/rename_user.conf")
+            # as Raspberry Pi OS trixie ships it: the first boot is a first boot (rpi-resize)
+            assert v.text("/etc/machine-id") == "uninitialized\n"
             assert v.readlink("/etc/localtime").endswith("/Etc/UTC")
             # identity: PARTUUIDs follow the new disk id; cmdline stays one line with resize
             did = v.disk_id()
             cmdline = v.text("/boot/firmware/cmdline.txt")
             assert cmdline.count("\n") <= 1 and f"root=PARTUUID={did}-02" in cmdline
             assert "resize" in cmdline
+            # the Pi kernel's memory cgroup back on, at the end of the line
+            assert cmdline.split()[-1] == "cgroup_enable=memory"
             assert f"PARTUUID={did}-02" in v.text("/etc/fstab")
             assert f"PARTUUID={did}-01" in v.text("/etc/fstab")
             assert did == manifest["nodes"]["node02"]["disk_id"]
-            # host key 0600 root
-            assert v.mode("/etc/ssh/ssh_host_ed25519_key") == 0o600
+            # host key 0600 root, where the first boot's regeneration (ssh_host_*_key*) cannot reach
+            assert v.mode("/etc/ssh/piimage/ssh_host_ed25519_key") == 0o600
+            assert "HostKey /etc/ssh/piimage/ssh_host_ed25519_key" in v.text("/etc/ssh/sshd_config.d/50-piimage.conf")
+            assert not v.exists("/etc/ssh/ssh_host_ed25519_key")
     results = fsck_partitions(img)
     for tool, r in results.items():
         assert r.returncode == 0, f"{tool}: {r.stdout}{r.stderr}"
@@ -122,7 +131,7 @@ def test_all_nodes_distinct_identities(cluster_all):
             with v.mounted():
                 assert v.text("/etc/hostname") == f"{h}\n"
                 ids.add(v.disk_id())
-                hostkeys.add(v.text("/etc/ssh/ssh_host_ed25519_key.pub"))
+                hostkeys.add(v.text("/etc/ssh/piimage/ssh_host_ed25519_key.pub"))
                 known = v.text("/etc/ssh/ssh_known_hosts")
                 assert all(f"{n}," in known for n in ("head", "node01", "node02"))
         assert len(ids) == 3 and len(hostkeys) == 3
@@ -199,6 +208,8 @@ def test_bookworm_node(env, standin_bookworm, tmp_path):
             assert v.owner("/etc/munge/munge.key")[0] == v.uid_of("munge")
             cmdline = v.text("/boot/firmware/cmdline.txt")
             assert "init=/usr/lib/raspberrypi-sys-mods/firstboot" in cmdline
+            assert cmdline.split()[-1] == "cgroup_enable=memory"
+            assert v.text("/etc/machine-id") == ""  # as Raspberry Pi OS bookworm ships it
             assert f"root=PARTUUID={v.disk_id()}-02" in cmdline
     for tool, r in fsck_partitions(img).items():
         assert r.returncode == 0, f"{tool}: {r.stdout}{r.stderr}"
