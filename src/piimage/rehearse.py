@@ -224,6 +224,7 @@ class Agent:
         self._lock = threading.Lock()
 
     def connect(self, timeout: float = 30) -> None:
+        self._buf = b""  # a new power-on: nothing of the last connection's stream is an answer
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -627,8 +628,12 @@ class Rehearsal:
         for st in self.states.values():
             state = st.last.get("state", "")
             if st.boot_s is None or state == "maintenance":
+                # what the kernel said on the serial console, and (the agent outlives emergency
+                # mode) the journal's errors: a Pi's last console is tty1, which systemd writes to
+                _, journal = self._call(st, "journalctl -b -p warning --no-pager -o short-monotonic -n 40", timeout=60)
                 add("boot", st.name, False, st.failed or f"did not finish booting in {self.timeout:.0f} s "
-                    f"(system {state or 'not answering'}); see {st.console}", _console_trouble(st.console))
+                    f"(system {state or 'not answering'}); see {st.console}",
+                    _console_trouble(st.console) + "\n--- journal\n" + journal)
                 continue
             again = f" ({st.reboots} reboot{'s' if st.reboots != 1 else ''} on the way)" if st.reboots else ""
             add("boot", st.name, True, f"booted in {st.boot_s:.0f} s{again}, system {state or 'running'}")
