@@ -630,7 +630,10 @@ class Rehearsal:
             if st.boot_s is None or state == "maintenance":
                 # what the kernel said on the serial console, and (the agent outlives emergency
                 # mode) the journal's errors: a Pi's last console is tty1, which systemd writes to
-                _, journal = self._call(st, "journalctl -b -p warning --no-pager -o short-monotonic -n 40", timeout=60)
+                try:
+                    _, journal = st.agent.call("journalctl -b -p warning --no-pager -o short-monotonic -n 40", 60)
+                except (AgentTimeout, OSError, AssertionError):
+                    journal = "(the node's agent does not answer)"
                 add("boot", st.name, False, st.failed or f"did not finish booting in {self.timeout:.0f} s "
                     f"(system {state or 'not answering'}); see {st.console}",
                     _console_trouble(st.console) + "\n--- journal\n" + journal)
