@@ -774,9 +774,12 @@ class Rehearsal:
         want = {u: "enabled" for u in profile.enable} | {u: "disabled" for u in profile.disable}
         if not want:
             return
-        rc, text = self._call(st, "\n".join(f"echo {u}=$(systemctl is-enabled {u} 2>/dev/null)" for u in want))
+        rc, text = self._call(st, "\n".join(f"echo {u}=$(systemctl is-enabled {u} 2>/dev/null || "
+                                             f"{{ systemctl cat {u} >/dev/null 2>&1 || echo not-installed; }})"
+                                             for u in want))
         got = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-        ok_states = {"enabled": {"enabled"}, "disabled": {"disabled", "masked"}}
+        # a unit the image does not have cannot start: as good as disabled
+        ok_states = {"enabled": {"enabled"}, "disabled": {"disabled", "masked", "not-installed"}}
         wrong = [f"{u} is {got.get(u) or 'unknown'}, wanted {w}" for u, w in want.items()
                  if got.get(u) not in ok_states[w]]
         add("enablement", st.name, rc == 0 and not wrong,
