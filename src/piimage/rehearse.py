@@ -774,8 +774,9 @@ class Rehearsal:
         want = {u: "enabled" for u in profile.enable} | {u: "disabled" for u in profile.disable}
         if not want:
             return
-        rc, text = self._call(st, "\n".join(f"echo {u}=$(systemctl is-enabled {u} 2>/dev/null || "
-                                             f"{{ systemctl cat {u} >/dev/null 2>&1 || echo not-installed; }})"
+        # is-enabled prints the state of any unit it knows (masked, disabled: exit 1) and
+        # nothing for one the image does not have
+        rc, text = self._call(st, "\n".join(f"s=$(systemctl is-enabled {u} 2>/dev/null); echo {u}=${{s:-not-installed}}"
                                              for u in want))
         got = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
         # a unit the image does not have cannot start: as good as disabled
