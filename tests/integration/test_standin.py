@@ -138,8 +138,11 @@ class RootFs:
         return self.cat(f"/usr/lib/systemd/system/{name}")
 
     def enabled_in(self, target: str, name: str) -> bool:
-        """True when name is enabled into target (`systemctl enable`'s symlink in /etc)."""
-        link = f"/etc/systemd/system/{target}.wants/{name}"
+        """True when name is enabled into target ("multi-user": `systemctl enable`'s symlink in
+        /etc/systemd/system/multi-user.target.wants)."""
+        unit = f"/usr/lib/systemd/system/{target}.target"
+        assert self.exists(unit), unit  # a wrong target name must not pass as "not enabled"
+        link = f"/etc/systemd/system/{target}.target.wants/{name}"
         if not self.exists(link):
             return False
         dest = self.readlink(link)
