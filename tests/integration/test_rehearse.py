@@ -18,8 +18,15 @@ from piimage.fsutil import sha256_file as _sha
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def leftovers() -> list[str]:
-    """QEMU machines, overlays or hub ports a rehearsal could leave behind."""
+_RUN_DIRS_BEFORE = {str(p) for p in Path("/var/tmp").glob("piimage-rehearse-*")}
+
+
+def leftovers(scope: Path) -> list[str]:
+    """QEMU machines or overlays a rehearsal of the images under `scope` could leave behind.
+    Only this test's: another rehearsal on the machine (a second session, a user's) is not
+    ours, so processes count when their command line names `scope` (the console log is
+    there) and run directories when they appeared since this module was imported and are
+    still there."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -33,10 +40,31 @@ def leftovers() -> list[str]:
             )
         except OSError:
             continue
-        if cmd.startswith("qemu-system-aarch64") and "piimage-rehearse-" in cmd:
+        if (
+            cmd.startswith("qemu-system-aarch64")
+            and "piimage-rehearse-" in cmd
+            and str(scope) in cmd
+        ):
             found.append(f"process {pid}: {cmd[:120]}")
-    found += [f"run dir {p}" for p in Path("/var/tmp").glob("piimage-rehearse-*")]
+    found += [
+        f"run dir {p}"
+        for p in Path("/var/tmp").glob("piimage-rehearse-*")
+        if str(p) not in _RUN_DIRS_BEFORE and not _in_use_elsewhere(p, scope)
+    ]
     return found
+
+
+def _in_use_elsewhere(run_dir: Path, scope: Path) -> bool:
+    """A run directory that a QEMU process of another rehearsal (not under `scope`) uses."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if str(run_dir) in cmd and str(scope) not in cmd:
+                return True
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +119,7 @@ def test_rehearsal_of_a_working_cluster(cluster, env):
         assert "Linux version" in (logs / f"{h}.console.log").read_text(errors="replace")
     assert json.loads((logs / "report.json").read_text())["ok"] is True
     assert {h: _sha(p) for h, p in images.items()} == before
-    assert leftovers() == []
+    assert leftovers(cluster) == []
 
 
 def test_rehearsal_catches_a_foreign_munge_key(cluster, env, tmp_path):
@@ -139,7 +167,7 @@ def test_rehearsal_catches_a_foreign_munge_key(cluster, env, tmp_path):
     # the jobs are not queued for a node that is not idle: the report says why they did not run
     checks = {(c["name"], c["node"]): c for c in report["checks"]}
     assert checks[("srun", "head")]["summary"].startswith("not run: node02 is ")
-    assert leftovers() == []
+    assert leftovers(tmp_path) == []
 
 
 def test_rehearse_refuses_missing_images(cluster, env, tmp_path):
@@ -155,12 +183,7 @@ def test_rehearse_refuses_missing_images(cluster, env, tmp_path):
     )
     proc = piimage(["rehearse", "--nodes", "node01,node07"], env, cluster, check_rc=2)
     assert "'node07' is not a node of cluster testcluster" in proc.stderr
-    assert (
-        subprocess.run(
-            ["pgrep", "-f", "piimage-rehearse-"], check=False, capture_output=True
-        ).returncode
-        == 1
-    )
+    assert leftovers(cluster) == [] and leftovers(tmp_path) == []
 
 
 def test_interrupted_rehearsal_leaves_nothing(cluster, env):
@@ -188,10 +211,10 @@ def test_interrupted_rehearsal_leaves_nothing(cluster, env):
             break
     assert "node01: booting" in seen, seen
     time.sleep(10)  # the machines are running now
-    assert any("piimage-rehearse-" in p for p in leftovers())
+    assert any("piimage-rehearse-" in p for p in leftovers(cluster))
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err
-    assert leftovers() == []
+    assert leftovers(cluster) == []
     assert _sha(head) == before
