@@ -209,14 +209,23 @@ class Publisher:
         p = job.planned.stamp
         final = self.out / f"{p.hostname}.img"
         _remove_stale_derivatives(final)
-        digest = publish_image(job.overlay, final, self.abort)
-        files = [final]
-        if self.abort.is_set():
-            raise BuildError("stopped")
-        packed = compress(final, self.bp.compress)
-        if packed is not None:
-            files.append(packed)
-        files.append(write_bmap(final))
+        files: list[Path] = []
+        try:
+            digest = publish_image(job.overlay, final, self.abort)
+            files.append(final)
+            if self.abort.is_set():
+                raise BuildError("stopped")
+            packed = compress(final, self.bp.compress)
+            if packed is not None:
+                files.append(packed)
+            if self.abort.is_set():
+                raise BuildError("stopped")
+            files.append(write_bmap(final))
+        except BaseException:
+            # a stopped build publishes nothing: not even an image that was complete when the
+            # interrupt came, since the manifest and SHA256SUMS will not name it
+            _unlink_all(files)
+            raise
         log.info("wrote %s", final)
         return files, {
             "role": p.role,
@@ -256,7 +265,17 @@ class Publisher:
             for fut in self.futures:
                 fut.cancel()
             wait(list(self.futures))  # every job has removed its temporary file
+            for fut in self.futures:  # and the ones that had finished take back their files
+                if not fut.cancelled() and fut.exception() is None:
+                    _unlink_all(fut.result()[0])
         self._stack.close()
+
+
+def _unlink_all(files: list[Path]) -> None:
+    """Remove published files and their .sha256 sidecars."""
+    for f in files:
+        f.unlink(missing_ok=True)
+        f.with_name(f.name + ".sha256").unlink(missing_ok=True)
 
 
 def _remove_stale_derivatives(image: Path) -> None:

@@ -396,7 +396,7 @@ class Rehearsal:
     def __init__(self, cluster: Cluster, nodes: tuple[Node, ...], out_dir: Path, timeout: float):
         self.cluster = cluster
         self.nodes = nodes
-        self.images = out_dir / cluster.name
+        self.images = out_dir.absolute() / cluster.name  # QEMU's paths name it in full
         self.logs = self.images / "rehearsal"
         self.timeout = timeout
         self.head = next((n for n in nodes if n.facts.slurmctld), None)
