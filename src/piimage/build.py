@@ -29,6 +29,7 @@ from .output import (
     COMPRESSORS,
     compress,
     publish_image,
+    sidecar,
     update_manifest,
     write_bmap,
     write_imager_repo,
@@ -275,7 +276,7 @@ def _unlink_all(files: list[Path]) -> None:
     """Remove published files and their .sha256 sidecars."""
     for f in files:
         f.unlink(missing_ok=True)
-        f.with_name(f.name + ".sha256").unlink(missing_ok=True)
+        sidecar(f).unlink(missing_ok=True)
 
 
 def _remove_stale_derivatives(image: Path) -> None:
@@ -283,7 +284,7 @@ def _remove_stale_derivatives(image: Path) -> None:
     for suffix in (".xz", ".zst", ".gz"):
         for p in (
             image.with_name(image.name + suffix),
-            image.with_name(image.name + suffix + ".sha256"),
+            sidecar(image.with_name(image.name + suffix)),
         ):
             p.unlink(missing_ok=True)
 

@@ -56,13 +56,18 @@ class _Abortable:
         self.p.update(n)
 
 
+def sidecar(path: Path) -> Path:
+    """The `.sha256` file published beside `path`."""
+    return path.with_name(path.name + ".sha256")
+
+
 def publish_image(overlay: Path, final: Path, abort=None) -> str:
     """Convert the node's overlay to `final` (.img) atomically; write `final`.sha256. Returns the digest."""
     with atomic_path(final) as tmp:
         convert_to_raw(overlay, tmp, f"writing {final.name}")
         with progress(f"checksumming {final.name}", os.path.getsize(tmp)) as p:
             digest = sha256_file(tmp, _Abortable(p, abort))
-    write_atomic(final.with_name(final.name + ".sha256"), checksum_line(digest, final.name))
+    write_atomic(sidecar(final), checksum_line(digest, final.name))
     return digest
 
 
@@ -84,7 +89,7 @@ def compress(image: Path, fmt: str) -> Path | None:
         with open(tmp, "wb") as f:
             run([*cmd, str(image)], what=f"{cmd[0]} of {image.name}", stdout=f)
         digest = sha256_file(tmp)
-    write_atomic(final.with_name(final.name + ".sha256"), checksum_line(digest, final.name))
+    write_atomic(sidecar(final), checksum_line(digest, final.name))
     return final
 
 
@@ -145,7 +150,7 @@ def write_imager_repo(
 
 
 def _sidecar_digest(path: Path) -> str | None:
-    side = path.with_name(path.name + ".sha256")
+    side = sidecar(path)
     if side.exists():
         fields = side.read_text().split()
         if len(fields) == 2 and fields[1] == path.name:
