@@ -7,8 +7,9 @@ host without emulation, in seconds, and kept in the cache per release:
 - `apt-get download` of `linux-image-arm64`'s kernel package and `busybox-static`, with a
   private apt configuration (its own lists, cache and sources), so the host's apt is untouched;
 - `dpkg-deb -x`, then `depmod -b` over the unpacked modules;
-- `initrd.img`: a tiny busybox initramfs that loads virtio-blk and ext4, mounts the image's root
-  (`/dev/vda2`) and the modules disk over `/lib/modules`, and switches root;
+- `initrd.img`: a tiny busybox initramfs that plays the image's Raspberry Pi OS initramfs
+  (piboot.py says what of it), mounts the image's root from `root=` and the modules disk over
+  `/lib/modules`, and switches root to `init=`;
 - `modules.ext4`: the kernel's whole `lib/modules/<version>` as a read-only disk (`/dev/vdb`),
   so the image gets the modules it needs (NFS, vfat, virtio-net, …) without a byte of them
   written into the overlay.
@@ -33,14 +34,18 @@ from pathlib import Path
 from .errors import BuildError
 from .fsutil import write_atomic
 from .log import log
+from .piboot import INITRAMFS_SCRIPT
 from .run import require_tools, run
 from .settings import cache_dir, debian_mirror
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # What the initramfs loads (with their dependencies, in order): enough to mount the root and
-# the modules disk. virtio-pci and the serial console are built into Debian's arm64 kernel.
-INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4")
-FORMAT = 1  # bump when the cached layout changes
+# the modules disk, and the FAT whose cmdline.txt trixie's first boot edits. virtio-pci and the
+# serial console are built into Debian's arm64 kernel. The code pages are optional: a kernel
+# may have them built in.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4", "vfat")
+INITRD_OPTIONAL_MODULES = ("nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1")
+FORMAT = 2  # bump when the cached layout changes
 
 
 @dataclass(frozen=True)
@@ -50,31 +55,6 @@ class GuestKernel:
     vmlinuz: Path
     initrd: Path
     modules_disk: Path
-
-
-INIT_SCRIPT = r"""#!/bin/busybox sh
-# piimage rehearsal initramfs: mount the image's root and the kernel's modules, switch root.
-/bin/busybox mkdir -p /proc /sys /dev /newroot /bin
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for m in $(cat /modules.list); do
-    insmod "/modules/$m" 2>/dev/null || echo "rehearsal initrd: insmod $m failed"
-done
-fail() { echo "rehearsal initrd: $*"; sleep 2; poweroff -f; }
-i=0
-while [ ! -b /dev/vda2 ] || [ ! -b /dev/vdb ]; do
-    i=$((i + 1)); [ "$i" -gt 600 ] && fail "no /dev/vda2 or /dev/vdb after 60 s"
-    sleep 0.1
-done
-mount -t ext4 -o rw /dev/vda2 /newroot || fail "cannot mount /dev/vda2"
-mkdir -p /newroot/lib/modules
-mount -t ext4 -o ro /dev/vdb /newroot/lib/modules || fail "cannot mount the modules disk"
-umount /proc /sys
-mount --move /dev /newroot/dev 2>/dev/null || umount /dev
-exec switch_root /newroot /sbin/init
-"""
 
 
 def guest_kernel(suite: str, *, mirror: str | None = None) -> GuestKernel:
@@ -217,11 +197,13 @@ def _private_apt(root: Path, suite: str, mirror: str) -> dict[str, str]:
 def _initrd_modules(base: Path, version: str) -> list[Path]:
     """INITRD_MODULES and what they depend on, in load order, without duplicates."""
     out: list[Path] = []
-    for name in INITRD_MODULES:
-        deps = run(
+    for name in (*INITRD_MODULES, *INITRD_OPTIONAL_MODULES):
+        r = run(
             ["modprobe", "-d", base, "-S", version, "--show-depends", name],
             what=f"modprobe --show-depends {name}",
-        ).stdout
+            check=name in INITRD_MODULES,
+        )
+        deps = r.stdout if r.returncode == 0 else ""
         for line in deps.splitlines():
             parts = line.split()
             if len(parts) >= 2 and parts[0] == "insmod":
@@ -245,7 +227,7 @@ def _make_initrd(dest: Path, busybox: Path, base: Path, version: str) -> None:
         ("bin", stat.S_IFDIR | 0o755, b""),
         ("modules", stat.S_IFDIR | 0o755, b""),
         ("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()),
-        ("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode()),
+        ("init", stat.S_IFREG | 0o755, INITRAMFS_SCRIPT.encode()),
     ]
     names = []
     for mod in _initrd_modules(base, version):

@@ -30,16 +30,18 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import piboot
 from .errors import BuildError, PiimageError, UserError
 from .fsutil import write_atomic
 from .guestkernel import GuestKernel, guest_kernel
 from .inventory import Cluster, Node
-from .inventory.boards import BOARDS
 from .log import log
+from .profiles import effective
 from .run import require_tools, run, spawn, stop
 
 AGENT_PORT = "org.piimage.agent"
@@ -115,6 +117,10 @@ comm = MPI.COMM_WORLD
 total = comm.allreduce(comm.Get_rank() + 1)
 print(f"rank {comm.Get_rank()} of {comm.Get_size()} on {MPI.Get_processor_name()}: sum {total}", flush=True)
 """
+
+
+MUNGE_TTL_S = 300  # munge's default credential lifetime (MUNGE_DEFAULT_TTL)
+MAX_REBOOTS = 3  # Raspberry Pi OS reboots once on a first boot (bookworm's init=firstboot)
 
 
 class RehearsalFailed(PiimageError):
@@ -221,6 +227,7 @@ class Agent:
         self._lock = threading.Lock()
 
     def connect(self, timeout: float = 30) -> None:
+        self._buf = b""  # a new power-on: nothing of the last connection's stream is an answer
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -275,9 +282,12 @@ class NodeState:
     console: Path
     agent: Agent
     memory_mb: int
+    index: int = 0  # the node's place on the virtual network (its MAC)
     proc: Any = None
     started: float = 0.0
     boot_s: float | None = None
+    cmdlines: list = field(default_factory=list)  # the kernel command line of each boot
+    reboots: int = 0
     failed: str | None = None  # why this node cannot become ready (stops waiting on it)
     done: set = field(default_factory=set)  # milestones reached ("munge", "slurmd", …)
     last: dict = field(default_factory=dict)  # the last readiness probe
@@ -306,6 +316,8 @@ class Report:
     ready_seconds: float | None = None
     checks: list[Check] = field(default_factory=list)
     logs: str = ""
+    # every power-on's kernel command line, as the Pi's firmware would have made it (piboot.py)
+    boot_cmdlines: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -339,14 +351,6 @@ class Report:
             + "; ".join(f"{c.node}: {c.name}" for c in self.checks if not c.ok)
         )
         return "\n".join(lines)
-
-
-def vm_memory_mb(model: str) -> int:
-    """QEMU's -m for a board: the MemTotal its own kernel reports (inventory/boards.py) plus
-    what Debian's arm64 kernel keeps for itself (struct pages, about 1/64 of memory, and its
-    image), so the guest sees about what the board would and no more."""
-    mem = BOARDS[model].mem_total_mb if model in BOARDS else 1853
-    return mem + mem // 64 + 24
 
 
 def _host_available_mb() -> int:
@@ -428,8 +432,9 @@ class Rehearsal:
         """Overlays for every node (the agent added), the kernel for their release."""
         from .image import GuestSession
 
+        self.run_dir = run_dir
         self.logs.mkdir(parents=True, exist_ok=True)
-        want = {n.hostname: vm_memory_mb(n.hardware.model) for n in self.nodes}
+        want = {n.hostname: piboot.vm_memory_mb(n.hardware.model) for n in self.nodes}
         budget = int(_host_available_mb() * 0.8)
         if sum(want.values()) > budget:
             scale = budget / sum(want.values())
@@ -443,14 +448,33 @@ class Rehearsal:
         for n in self.nodes:
             img = (self.images / f"{n.hostname}.img").resolve()
             ov = run_dir / f"{n.hostname}.qcow2"
+            # the card is larger than the image, as the SD card a user flashes is
             run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", img, ov],
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "raw",
+                    "-b",
+                    img,
+                    ov,
+                    str(max(piboot.CARD_BYTES, img.stat().st_size)),
+                ],
                 what=f"qemu-img create (overlay for {n.hostname})",
             )
             console = self.logs / f"{n.hostname}.console.log"
             console.unlink(missing_ok=True)
             self.states[n.hostname] = NodeState(
-                n, img, ov, console, Agent(run_dir / f"{n.hostname}.agent"), want[n.hostname]
+                n,
+                img,
+                ov,
+                console,
+                Agent(run_dir / f"{n.hostname}.agent"),
+                want[n.hostname],
+                index=len(self.states) + 1,
             )
         tar = _overlay_tar()
         suites = set()
@@ -473,10 +497,14 @@ class Rehearsal:
             )
         self.kernel = guest_kernel(suites.pop())
 
-    def qemu_command(self, st: NodeState, hub_port: int, index: int) -> list[str]:
+    def qemu_command(self, st: NodeState, hub_port: int, cmdline: str) -> list[str]:
+        """One power-on of a node. The Raspberry Pi parts (command line, memory, clock, card
+        size) come from piboot.py; QEMU exits when the guest reboots (-no-reboot), and the
+        rehearsal powers it on again with the card's cmdline.txt read anew, as a Pi's
+        firmware would."""
         assert self.kernel is not None
         cpus = st.node.hardware.cpus
-        mac = f"52:54:00:5e:{index // 256:02x}:{index % 256:02x}"
+        mac = f"52:54:00:5e:{st.index // 256:02x}:{st.index % 256:02x}"
         return [
             "qemu-system-aarch64",
             "-M",
@@ -489,6 +517,7 @@ class Rehearsal:
             str(st.memory_mb),
             "-accel",
             "tcg,thread=multi",
+            *piboot.RTC_ARGS,
             "-nodefaults",
             "-display",
             "none",
@@ -498,7 +527,7 @@ class Rehearsal:
             "-initrd",
             str(self.kernel.initrd),
             "-append",
-            "console=ttyAMA0 root=/dev/vda2 rw net.ifnames=0 panic=10",
+            cmdline,
             "-drive",
             f"file={st.overlay},format=qcow2,if=none,id=root,cache=unsafe",
             "-device",
@@ -517,8 +546,11 @@ class Rehearsal:
             f"socket,id=agent,path={st.agent.path},server=on,wait=off",
             "-device",
             f"virtserialport,chardev=agent,name={AGENT_PORT}",
+            # every power-on appends to the one console log
+            "-chardev",
+            f"file,id=console,path={st.console},append=on",
             "-serial",
-            f"file:{st.console}",
+            "chardev:console",
             "-object",
             "rng-random,filename=/dev/urandom,id=rng0",
             "-device",
@@ -531,18 +563,55 @@ class Rehearsal:
 
     def boot(self, hub: Hub) -> None:
         self.t0 = time.monotonic()
-        for i, st in enumerate(self.states.values(), start=1):
-            st.proc = spawn(self.qemu_command(st, hub.port, i), what=f"booting {st.name}")
+        self.hub_port = hub.port
+        for st in self.states.values():
+            self._power_on(st)
             st.started = time.monotonic()
-            log.info("%s: booting (%d CPUs, %d MiB)", st.name, st.node.hardware.cpus, st.memory_mb)
+            log.info(
+                "%s: booting (%d CPUs, %d MiB): %s",
+                st.name,
+                st.node.hardware.cpus,
+                st.memory_mb,
+                st.cmdlines[-1],
+            )
         for st in self.states.values():
             st.agent.connect()
 
+    def _power_on(self, st: NodeState) -> None:
+        cmdline = piboot.kernel_cmdline(
+            st.node.hardware.model, piboot.card_cmdline_txt(st.overlay, self.run_dir)
+        )
+        st.cmdlines.append(cmdline)
+        st.proc = spawn(self.qemu_command(st, self.hub_port, cmdline), what=f"booting {st.name}")
+
     def _alive(self, st: NodeState) -> bool:
-        if st.proc is not None and st.proc.poll() is not None and not st.failed:
-            st.failed = f"QEMU exited (code {st.proc.returncode}); see {st.console}"
-            log.info("%s: %s", st.name, st.failed)
-        return st.failed is None
+        """False once a node cannot come up; a node that rebooted (a first boot may) is
+        powered on again, at most MAX_REBOOTS times."""
+        if st.proc is None or st.proc.poll() is None or st.failed:
+            return st.failed is None
+        trouble = [ln for ln in _read(st.console).splitlines() if "rehearsal initrd: FAILED" in ln]
+        if st.proc.returncode != 0 or trouble:
+            st.failed = (
+                trouble[-1].split("rehearsal initrd: ", 1)[1]
+                if trouble
+                else f"QEMU exited (code {st.proc.returncode})"
+            ) + f"; see {st.console}"
+        elif st.reboots >= MAX_REBOOTS:
+            st.failed = f"rebooted {st.reboots + 1} times without coming up; see {st.console}"
+        else:
+            st.reboots += 1
+            st.agent.close()
+            self._power_on(st)
+            st.agent.connect()
+            log.info(
+                "%s: rebooted (%.0f s); powered on again: %s",
+                st.name,
+                self.elapsed(),
+                st.cmdlines[-1],
+            )
+            return True
+        log.info("%s: %s", st.name, st.failed)
+        return False
 
     def _units(self, st: NodeState) -> list[str]:
         f = st.node.facts  # the node's role facts (profiles.RoleFacts)
@@ -686,6 +755,14 @@ class Rehearsal:
         for st in self.states.values():
             state = st.last.get("state", "")
             if st.boot_s is None or state == "maintenance":
+                # what the kernel said on the serial console, and (the agent outlives emergency
+                # mode) the journal's errors: a Pi's last console is tty1, which systemd writes to
+                try:
+                    _, journal = st.agent.call(
+                        "journalctl -b -p warning --no-pager -o short-monotonic -n 40", 60
+                    )
+                except (AgentTimeout, OSError, AssertionError):
+                    journal = "(the node's agent does not answer)"
                 add(
                     "boot",
                     st.name,
@@ -693,19 +770,20 @@ class Rehearsal:
                     st.failed
                     or f"did not finish booting in {self.timeout:.0f} s "
                     f"(system {state or 'not answering'}); see {st.console}",
-                    _console_trouble(st.console),
+                    _console_trouble(st.console) + "\n--- journal\n" + journal,
                 )
                 continue
-            if state == "degraded":
-                add(
-                    "boot",
-                    st.name,
-                    False,
-                    f"booted in {st.boot_s:.0f} s, but degraded: {_failed_units_text(st.last)}",
-                    _console_trouble(st.console),
-                )
-            else:
-                add("boot", st.name, True, f"booted in {st.boot_s:.0f} s")
+            again = (
+                f" ({st.reboots} reboot{'s' if st.reboots != 1 else ''} on the way)"
+                if st.reboots
+                else ""
+            )
+            add(
+                "boot",
+                st.name,
+                True,
+                f"booted in {st.boot_s:.0f} s{again}, system {state or 'running'}",
+            )
             rc, name = self._call(st, "hostname")
             add(
                 "hostname",
@@ -741,8 +819,16 @@ class Rehearsal:
                 else "; ".join(f"{u} is {s or 'unknown'}" for u, s, _ in bad),
                 "\n".join(f"--- {u}\n{j}" for u, _, j in bad),
             )
+        booted = [st for st in self.states.values() if st.boot_s is not None and not st.failed]
+        for st in booted:
+            self._check_units(st, add)
+            self._check_enablement(st, add)
+            self._check_root(st, add)
+            self._check_login(st, add)
+            self._check_memcg(st, add)
         if head.boot_s is None:
             return out
+        self._check_clocks(head, booted, add)
         # munge: a credential made on the head decodes on every other node
         rc, cred = self._call(head, "munge -n")
         cred = cred.strip()
@@ -879,8 +965,304 @@ class Rehearsal:
             text,
             t0,
         )
-        self._call(head, f"rm -f {fname}-token {fname}-mpi.py")
+        self._check_hostkeys(booted, add)
+        self._check_ssh(head, booted, add)
+        self._check_mpirun(head, jobs, fname, left_out, add)
+        self._call(head, f"rm -f {fname}-token {fname}-mpi.py {fname}-hostfile")
         return out
+
+    # -- what a Raspberry Pi's first boot must leave right (piboot.py plays that boot) ---------
+    def _check_units(self, st: NodeState, add: Callable) -> None:
+        """No failed unit: a degraded node is reported with the errors of its boot."""
+        t0 = time.monotonic()
+        rc, text = self._call(
+            st,
+            "systemctl list-units --state=failed --plain --no-legend --no-pager | awk '{print $1}'",
+        )
+        failed = text.split()
+        journal = ""
+        if failed:
+            _, journal = self._call(st, "journalctl -b -p err --no-pager -o short-monotonic -n 40")
+        add(
+            "units",
+            st.name,
+            rc == 0 and not failed,
+            "no failed unit"
+            if rc == 0 and not failed
+            else "failed units: " + (", ".join(failed) or text.strip()),
+            journal,
+            t0,
+        )
+
+    def _check_enablement(self, st: NodeState, add: Callable) -> None:
+        """The role's services are enabled or disabled as its profile says, after a first boot
+        that may have applied systemd's presets (systemd.preset(5))."""
+        profile = self.cluster.roles.get(st.node.role)
+        if profile is None:
+            return
+        profile = effective(profile, st.node.runs_jobs)
+        want = {u: "enabled" for u in profile.enable} | {u: "disabled" for u in profile.disable}
+        if not want:
+            return
+        # is-enabled prints the state of any unit it knows (masked, disabled: exit 1) and
+        # nothing for one the image does not have
+        rc, text = self._call(
+            st,
+            "\n".join(
+                f"s=$(systemctl is-enabled {u} 2>/dev/null); echo {u}=${{s:-not-installed}}"
+                for u in want
+            ),
+        )
+        got = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        # a unit the image does not have cannot start: as good as disabled
+        ok_states = {"enabled": {"enabled"}, "disabled": {"disabled", "masked", "not-installed"}}
+        wrong = [
+            f"{u} is {got.get(u) or 'unknown'}, wanted {w}"
+            for u, w in want.items()
+            if got.get(u) not in ok_states[w]
+        ]
+        add(
+            "enablement",
+            st.name,
+            rc == 0 and not wrong,
+            f"as the {profile.role} profile says: " + ", ".join(f"{u} {w}" for u, w in want.items())
+            if not wrong
+            else "; ".join(wrong),
+            text,
+        )
+
+    def _check_root(self, st: NodeState, add: Callable) -> None:
+        """The root filesystem spans the card, as a Pi's first boot makes it (and on the head,
+        the shared directory has that room)."""
+        shared = shlex.quote(self.cluster.shared.path)
+        script = (
+            'b=$(basename "$(readlink -f "$(findmnt -no SOURCE /)")"); '
+            'd=$(basename "$(readlink -f /sys/class/block/$b/..)"); '
+            "echo fs=$(findmnt -bno SIZE /); echo start=$(cat /sys/class/block/$b/start); "
+            "echo part=$(cat /sys/class/block/$b/size); echo disk=$(cat /sys/block/$d/size)"
+        )
+        if st.node is self.head:
+            script += f"; echo shared=$(findmnt -bno SIZE -T {shared})"
+        rc, text = self._call(st, script)
+        v = {
+            k: int(x)
+            for k, x in (ln.split("=", 1) for ln in text.splitlines() if "=" in ln)
+            if x.strip().isdigit()
+        }
+        if not {"fs", "start", "part", "disk"} <= set(v):
+            add("root", st.name, False, "cannot read the root filesystem's size", text)
+            return
+        part, disk, fs = v["part"] * 512, v["disk"] * 512, v["fs"]
+        spans = (v["start"] + v["part"]) * 512 >= disk - (4 << 20)
+        full = fs >= 0.93 * part
+        shared_ok = (
+            st.node is not self.head
+            or self.cluster.shared.device_uuid
+            or v.get("shared", 0) >= 0.93 * part
+        )
+        gib = 1 << 30
+        summary = (
+            f"root filesystem {fs / gib:.1f} GiB on a {disk / gib:.1f} GiB card "
+            f"(partition {part / gib:.1f} GiB)"
+        )
+        if st.node is self.head and not self.cluster.shared.device_uuid:
+            summary += f"; {self.cluster.shared.path} has {v.get('shared', 0) / gib:.1f} GiB"
+        if not spans:
+            summary = "the root partition does not reach the end of the card: " + summary
+        elif not full:
+            summary = "the root filesystem was not grown to its partition: " + summary
+        add("root", st.name, bool(spans and full and shared_ok), summary, text)
+
+    def _check_login(self, st: NodeState, add: Callable) -> None:
+        """The admin can log in: no first-boot user wizard pending (Raspberry Pi's userconfig),
+        logins allowed, and no "SSH may not work" banner from rename-user."""
+        rc, text = self._call(
+            st,
+            "echo wizard=$(systemctl is-active userconfig 2>/dev/null); "
+            "echo nologin=$(test -e /run/nologin && echo yes || echo no); "
+            "echo banner=$(sshd -T 2>/dev/null | awk '$1==\"banner\"{print $2}')",
+        )
+        v = dict(ln.split("=", 1) for ln in text.splitlines() if "=" in ln)
+        bad = []
+        if v.get("wizard") in ("active", "activating"):
+            bad.append("the first-boot user wizard (userconfig) is pending")
+        if v.get("nologin") != "no":
+            bad.append("logins are not allowed yet (/run/nologin)")
+        if v.get("banner", "none") not in ("none", ""):
+            bad.append(f"sshd shows a banner ({v['banner']})")
+        add(
+            "login",
+            st.name,
+            rc == 0 and not bad,
+            f"{self.cluster.admin.name} can log in: no wizard, no banner"
+            if rc == 0 and not bad
+            else "; ".join(bad) or text,
+            text,
+        )
+
+    def _check_memcg(self, st: NodeState, add: Callable) -> None:
+        """The memory cgroup controller is on (a Pi kernel turns it off: piboot.BOARDS)."""
+        rc, text = self._call(st, "cat /sys/fs/cgroup/cgroup.controllers; cat /proc/cmdline")
+        controllers = text.splitlines()[0].split() if text.strip() else []
+        add(
+            "memcg",
+            st.name,
+            "memory" in controllers,
+            "memory controller available"
+            if "memory" in controllers
+            else "no memory cgroup controller (Raspberry Pi kernels start with cgroup_disable=memory; "
+            "cmdline.txt needs cgroup_enable=memory)",
+            text,
+        )
+
+    def _check_clocks(self, head: NodeState, booted: list[NodeState], add: Callable) -> None:
+        """Every node's clock within munge's credential lifetime (300 s) of the head's, though
+        every board starts without a real-time clock."""
+        offset = {}
+        for st in booted:
+            t0 = time.time()
+            rc, text = self._call(st, "date +%s.%N")
+            t1 = time.time()
+            try:
+                offset[st.name] = float(text.strip()) - (t0 + t1) / 2
+            except ValueError:
+                add("clock", st.name, False, "cannot read the clock", text)
+        if head.name not in offset:
+            return
+        behind = -offset[head.name]
+        for st in booted:
+            if st.name not in offset:
+                continue
+            if st is head:
+                add(
+                    "clock",
+                    st.name,
+                    True,
+                    f"{abs(behind) / 86400:.1f} days {'behind' if behind > 0 else 'ahead of'} "
+                    "this machine (no real-time clock, no internet)",
+                )
+                continue
+            skew = offset[st.name] - offset[head.name]
+            add(
+                "clock",
+                st.name,
+                abs(skew) < MUNGE_TTL_S,
+                f"{skew:+.1f} s from {head.name}"
+                + (
+                    ""
+                    if abs(skew) < MUNGE_TTL_S
+                    else f": beyond munge's {MUNGE_TTL_S} s, credentials are refused"
+                ),
+            )
+
+    def _check_hostkeys(self, booted: list[NodeState], add: Callable) -> None:
+        """Each node's SSH host key is the one every other node's ssh_known_hosts lists (a
+        first boot that makes new keys breaks SSH between nodes)."""
+        served = {}
+        for st in booted:
+            _, text = self._call(
+                st, "ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | awk '{print $2, $3}'"
+            )
+            served[st.name] = text.strip()
+        names = " ".join(st.name for st in booted)
+        listed: dict[tuple[str, str], set[str]] = {}
+        for st in booted:
+            _, text = self._call(
+                st,
+                f'for h in {names}; do ssh-keygen -F "$h" -f /etc/ssh/ssh_known_hosts 2>/dev/null '
+                "| grep -v '^#' | awk -v h=\"$h\" '{print h, $2, $3}'; done",
+            )
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) == 3:
+                    listed.setdefault((st.name, parts[0]), set()).add(f"{parts[1]} {parts[2]}")
+        for st in booted:
+            key = served[st.name]
+            stale = [
+                v.name
+                for v in booted
+                if v is not st and key not in listed.get((v.name, st.name), set())
+            ]
+            ok = bool(key) and not stale
+            add(
+                "hostkey",
+                st.name,
+                ok,
+                "its host key is the one every node's ssh_known_hosts lists"
+                if ok
+                else (
+                    "sshd serves no ed25519 host key"
+                    if not key
+                    else f"its host key is not the one ssh_known_hosts lists on {', '.join(stale)}"
+                ),
+                key,
+            )
+
+    def _check_ssh(self, head: NodeState, booted: list[NodeState], add: Callable) -> None:
+        """The cluster user reaches every node from the head with SSH, host keys checked
+        strictly (what Open MPI's launcher does)."""
+        user = self.cluster.cluster_user.name
+        for st in booted:
+            if st is head:
+                continue
+            t0 = time.monotonic()
+            rc, text = self._call(
+                head,
+                self._as_user(
+                    f"timeout 90 ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=60 {st.name} hostname"
+                ),
+            )
+            ok = rc == 0 and text.strip().splitlines()[-1:] == [st.name]
+            add(
+                "ssh",
+                st.name,
+                ok,
+                f"{user}@{head.name} logs in with the cluster key, host key checked"
+                if ok
+                else f"{user}@{head.name} cannot SSH to {st.name} (exit {rc})",
+                text,
+                t0,
+            )
+
+    def _check_mpirun(
+        self, head: NodeState, jobs: list[Node], fname: str, left_out: str, add: Callable
+    ) -> None:
+        """A plain `mpirun --hostfile` job, Open MPI's SSH launcher outside Slurm, across the
+        compute nodes (those of the cluster's hostfile that are up)."""
+        if not jobs:
+            add("mpirun", head.name, False, "not run: no compute node is idle")
+            return
+        count = len(jobs)
+        pattern = "|".join(n.hostname for n in jobs)
+        hostfile = f"{self.cluster.shared.path}/hostfile"
+        t0 = time.monotonic()
+        rc, text = self._call(
+            head,
+            self._as_user(
+                f"grep -E '^({pattern})([[:space:]]|$)' {hostfile} > {fname}-hostfile && "
+                f"timeout 400 mpirun --hostfile {fname}-hostfile -np {count} --map-by ppr:1:node python3 {fname}-mpi.py"
+            ),
+            timeout=480,
+        )
+        ranks = re.findall(r"rank (\d+) of (\d+) on (\S+): sum (\d+)", text)
+        want_sum = count * (count + 1) // 2
+        hosts = sorted({h for _, _, h, _ in ranks})
+        ok = (
+            rc == 0
+            and len(ranks) == count
+            and all(int(s) == want_sum and int(z) == count for _, z, _, s in ranks)
+            and hosts == sorted(n.hostname for n in jobs)
+        )
+        add(
+            "mpirun",
+            head.name,
+            ok,
+            f"mpirun --hostfile over {count} ranks on {' '.join(hosts)}: sum {want_sum}{left_out}"
+            if ok
+            else f"mpirun --hostfile across {pattern.replace('|', ',')} failed (exit {rc}, {len(ranks)} of {count} ranks)",
+            text,
+            t0,
+        )
 
     def teardown(self) -> None:
         for st in self.states.values():
@@ -907,12 +1289,16 @@ def _failed_units_text(probe: dict[str, str]) -> str:
     return "failed units: " + ", ".join(units) if units else "no failed unit listed"
 
 
-def _console_trouble(path: Path, n: int = 25) -> str:
-    """The console lines that explain a failed boot, else the console's last lines."""
+def _read(path: Path) -> str:
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _console_trouble(path: Path, n: int = 25) -> str:
+    """The console lines that explain a failed boot, else the console's last lines."""
+    lines = _read(path).splitlines()
     hits = [ln for ln in lines if _CONSOLE_TROUBLE.search(ln)]
     return "\n".join(hits[-n:] if hits else lines[-n:])
 
@@ -941,6 +1327,7 @@ def rehearse(
             st.name: (round(st.boot_s, 1) if st.boot_s is not None else None)
             for st in r.states.values()
         }
+        report.boot_cmdlines = {st.name: st.cmdlines for st in r.states.values()}
         if report.ready_seconds is not None:
             report.ready_seconds = round(report.ready_seconds, 1)
     finally:

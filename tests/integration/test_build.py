@@ -76,6 +76,7 @@ def test_default_cluster_node02(node02_default, env):
                 "/etc/cloud/cloud.cfg.d/99_zz-piimage.cfg"
             )
             assert not v.exists("/etc/cloud/cloud.cfg.d/99-piimage.cfg")
+            assert sorted(["99_raspberry-pi.cfg", "99_zz-piimage.cfg"])[-1] == "99_zz-piimage.cfg"
             # the admin user replaced UID 1000 and has the key
             assert v.uid_of("admin") == 1000
             ak = "/home/admin/.ssh/authorized_keys"
@@ -87,8 +88,8 @@ def test_default_cluster_node02(node02_default, env):
             assert v.readlink("/etc/systemd/system/userconfig.service") == "/dev/null"
             # rename-user's "SSH may not work until a valid user has been set up" banner is gone
             assert not v.exists("/etc/ssh/sshd_config.d/rename_user.conf")
-            # the base's own first-boot machine-id (the stand-in's, empty), never a real ID
-            assert v.text("/etc/machine-id") in ("", "uninitialized\n")
+            # as Raspberry Pi OS trixie ships it: the first boot is a first boot (rpi-resize)
+            assert v.text("/etc/machine-id") == "uninitialized\n"
             assert v.readlink("/etc/localtime").endswith("/Etc/UTC")
             # identity: PARTUUIDs follow the new disk id; cmdline stays one line with resize
             did = v.disk_id()

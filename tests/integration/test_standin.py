@@ -1,5 +1,9 @@
 """scripts/standin-image: the published stand-ins, read back the way a consumer of the real
-Raspberry Pi OS Lite image reads it (checksums, os_list, partition table, both filesystems).
+Raspberry Pi OS Lite image reads it (checksums, os_list, partition table, both filesystems), and
+the first-boot state each release ships with (../shared/REAL-PIOS.md §1: host-key regeneration,
+rename-user's wizard and banner, eth0 links, apt sources, machine-id, rpi-resize or the init=
+firstboot, cloud-init). What those pieces do at boot is proven by the rehearsal; here every piece
+must be present, enabled and written as Raspberry Pi's is, so a stand-in that lacks one fails.
 
 Costly only once per machine and script version (the builds); afterwards the stand-ins come from
 the cache and these tests take seconds plus one decompression per suite.
@@ -16,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,13 +34,21 @@ EXPECT = {
         "name": "Raspberry Pi OS (Legacy, 64-bit) Lite",
         "init_format": "systemd",
         "first_boot": "init=/usr/lib/raspberrypi-sys-mods/firstboot",
+        "cmdline_tail": ["rootwait", "quiet", "init=/usr/lib/raspberrypi-sys-mods/firstboot"],
         "bootfs_extra": [],
+        "machine_id": "",
+        "packages": ["fake-hwclock", "nfs-common"],
+        "not_packages": ["cloud-init"],
     },
     "trixie": {
         "name": "Raspberry Pi OS Lite (64-bit)",
         "init_format": "cloudinit-rpi",
         "first_boot": "resize",
+        "cmdline_tail": ["rootwait", "resize"],
         "bootfs_extra": ["user-data", "meta-data", "network-config"],
+        "machine_id": "uninitialized\n",
+        "packages": ["cloud-init"],
+        "not_packages": ["fake-hwclock", "nfs-common"],
     },
 }
 
@@ -74,6 +87,83 @@ def table(raw) -> dict:
 
 def debugfs(raw: Path, offset: int, request: str) -> str:
     return sh("debugfs", "-R", request, f"{raw}?offset={offset}")
+
+
+class RootFs:
+    """The stand-in's ext4 read with debugfs (no appliance, no mount)."""
+
+    def __init__(self, raw: Path, offset: int):
+        self.raw, self.offset = raw, offset
+
+    def _debugfs(self, request: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["debugfs", "-R", request, f"{self.raw}?offset={self.offset}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+
+    def stat(self, path: str) -> str | None:
+        """debugfs's stat of path (a symlink itself, not its target), None if absent."""
+        proc = self._debugfs(f"stat {path}")
+        return None if "File not found" in proc.stderr or not proc.stdout else proc.stdout
+
+    def exists(self, path: str) -> bool:
+        return self.stat(path) is not None
+
+    def type(self, path: str) -> str:
+        st = self.stat(path)
+        assert st is not None, f"{path} is not in the image"
+        return re.search(r"Type: (\S+)", st).group(1)
+
+    def mode(self, path: str) -> int:
+        return int(re.search(r"Mode:\s+(\d+)", self.stat(path)).group(1), 8)
+
+    def owner(self, path: str) -> tuple[int, int]:
+        m = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", self.stat(path))
+        return int(m.group(1)), int(m.group(2))
+
+    def cat(self, path: str) -> str:
+        assert self.type(path) == "regular", f"{path} is not a regular file"
+        return self._debugfs(f"cat {path}").stdout
+
+    def readlink(self, path: str) -> str:
+        st = self.stat(path)
+        assert st is not None and self.type(path) == "symlink", f"{path} is not a symlink"
+        m = re.search(r'Fast link dest: "(.*)"', st)
+        return m.group(1) if m else self._debugfs(f"cat {path}").stdout  # long targets
+
+    def unit(self, name: str) -> str:
+        """A unit file shipped the way a package ships it (/usr/lib/systemd/system)."""
+        return self.cat(f"/usr/lib/systemd/system/{name}")
+
+    def enabled_in(self, target: str, name: str) -> bool:
+        """True when name is enabled into target ("multi-user": `systemctl enable`'s symlink in
+        /etc/systemd/system/multi-user.target.wants)."""
+        unit = f"/usr/lib/systemd/system/{target}.target"
+        assert self.exists(unit), unit  # a wrong target name must not pass as "not enabled"
+        link = f"/etc/systemd/system/{target}.target.wants/{name}"
+        if not self.exists(link):
+            return False
+        dest = self.readlink(link)
+        template = re.sub(r"@[^.]+\.", "@.", name)  # getty@tty1.service -> getty@.service
+        assert dest in (
+            f"/usr/lib/systemd/system/{name}",
+            f"/lib/systemd/system/{name}",
+            f"/usr/lib/systemd/system/{template}",
+            f"/lib/systemd/system/{template}",
+        ), f"{link} -> {dest}"
+        return True
+
+
+def unit_lines(text: str) -> list[str]:
+    """A unit file's settings, without comments and blank lines."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("#", ";"))]
+
+
+@pytest.fixture(scope="module")
+def rootfs(raw, table) -> RootFs:
+    return RootFs(raw, table["partitions"][1]["start"] * SECTOR)
 
 
 def test_published_files_and_checksums(published, suite):
@@ -153,6 +243,9 @@ def test_bootfs_files(raw, table, suite):
     words = cmdline.split()
     assert f"root=PARTUUID={disk_id}-02" in words
     assert EXPECT[suite]["first_boot"] in words
+    # The tail after rootwait is the release's first-boot hook, nothing else.
+    tail = EXPECT[suite]["cmdline_tail"]
+    assert words[-len(tail) :] == tail, words
     assert "[all]" in sh("mtype", "-i", img, "::/config.txt", env=MTOOLS_ENV).splitlines()
     listing = sh("mdir", "-b", "-i", img, "::/", env=MTOOLS_ENV).split()
     for name in ["config.txt", "cmdline.txt", *EXPECT[suite]["bootfs_extra"]]:
@@ -179,16 +272,199 @@ def test_rootfs_files(raw, table, suite):
     sudo = next(g for g in cat("/etc/group").splitlines() if g.startswith("sudo:"))
     assert "pi" in sudo.split(":")[3].split(",")
     assert "NOPASSWD" in cat("/etc/sudoers.d/010_pi-nopasswd")
-    assert cat("/etc/machine-id") == ""
+    assert cat("/etc/machine-id") == EXPECT[suite]["machine_id"]
     assert "User:  1000   Group:  1000" in debugfs(raw, off, "stat /home/pi")
     assert "Type: directory" in debugfs(raw, off, "stat /boot/firmware")
     lists = debugfs(raw, off, "ls -p /var/lib/apt/lists")
     names = {line.split("/")[5] for line in lists.splitlines() if line.startswith("/")}
     assert names <= {".", "..", "lock", "partial"}, f"apt lists left in the image: {names}"
-    for pkg in ("network-manager", "openssh-server", "nfs-common", "sudo"):
-        assert f"Package: {pkg}\n" in cat("/var/lib/dpkg/status")
-    if suite == "trixie":
-        assert "Package: cloud-init\n" in cat("/var/lib/dpkg/status")
+    status = cat("/var/lib/dpkg/status")
+    for pkg in ("network-manager", "openssh-server", "sudo", *EXPECT[suite]["packages"]):
+        assert f"Package: {pkg}\n" in status, pkg
+    for pkg in EXPECT[suite]["not_packages"]:  # per-suite lists, as pi-gen's
+        assert f"Package: {pkg}\n" not in status, pkg
+
+
+# --------------------------------------------------------------------------------------------
+# First-boot state, as each release ships it (REAL-PIOS.md §1).
+
+REGENERATE = "/usr/lib/raspberrypi-sys-mods/regenerate_ssh_host_keys"
+FIRSTBOOT = "/usr/lib/raspberrypi-sys-mods/firstboot"
+
+
+def test_ssh_host_keys_are_regenerated_as_on_raspberry_pi(rootfs):
+    # No keys shipped; the unit and its script as raspberrypi-sys-mods' (§1.3 step 5, §1.4 step 6).
+    keys = debugfs(rootfs.raw, rootfs.offset, "ls /etc/ssh").split()
+    assert not [k for k in keys if k.startswith("ssh_host_")], keys
+    unit = unit_lines(rootfs.unit("regenerate_ssh_host_keys.service"))
+    conditions = [ln for ln in unit if ln.startswith(("Condition", "Assert"))]
+    assert conditions == ["ConditionFileIsExecutable=/usr/bin/ssh-keygen"]
+    assert "Before=ssh.service" in unit
+    assert "Type=oneshot" in unit and f"ExecStart={REGENERATE}" in unit
+    assert rootfs.enabled_in("multi-user", "regenerate_ssh_host_keys.service")
+    script = rootfs.cat(REGENERATE)
+    assert rootfs.mode(REGENERATE) == 0o755
+    assert "/etc/ssh/ssh_host_*_key*" in script and "rm -f" in script
+    assert "ssh-keygen -A" in script
+    assert re.search(r"systemctl .*disable regenerate_ssh_host_keys", script)
+    assert not rootfs.enabled_in("multi-user", "ssh.service")  # off until Imager or bootfs `ssh`
+    assert rootfs.enabled_in("multi-user", "sshswitch.service")
+
+
+def test_rename_user_state_at_export(rootfs):
+    # What `rename-user -f -s` leaves (§1.1): the banner, getty@tty1 off, the wizard armed.
+    conf = rootfs.cat("/etc/ssh/sshd_config.d/rename_user.conf")
+    assert conf.split("\n")[0] == "Banner /usr/share/userconf-pi/sshd_banner"
+    banner = rootfs.cat("/usr/share/userconf-pi/sshd_banner")
+    assert "SSH may not work until a valid user has been set up" in banner
+    assert not rootfs.enabled_in("getty", "getty@tty1.service")
+    assert rootfs.enabled_in("multi-user", "userconfig.service")
+    unit = unit_lines(rootfs.unit("userconfig.service"))
+    for line in (
+        "After=systemd-user-sessions.service",
+        "Type=oneshot",
+        "StandardInput=tty",
+        "TTYPath=/dev/tty8",
+        "ExecStart=/usr/lib/userconf-pi/userconf-service",
+    ):
+        assert line in unit, line
+    assert not [ln for ln in unit if ln.startswith("Condition")]
+    assert not [ln for ln in unit if ln.startswith("RemainAfterExit")]
+    # The wizard waits for an answer that never comes: its start job never ends.
+    wizard = rootfs.cat("/usr/lib/userconf-pi/userconf-service")
+    assert rootfs.mode("/usr/lib/userconf-pi/userconf-service") == 0o755
+    assert "sleep infinity" in wizard
+    cancel = rootfs.cat("/usr/bin/cancel-rename")
+    for step in (
+        "rm -f /etc/ssh/sshd_config.d/rename_user.conf",
+        "disable userconfig",
+        "enable getty@tty1",
+    ):
+        assert step in cancel, step
+
+
+def test_interface_names_stay_eth0(rootfs):
+    # raspi-config do_net_names 1 (§1.1 "Interface names").
+    for link in ("99-default.link", "73-usb-net-by-mac.link"):
+        assert rootfs.readlink(f"/etc/systemd/network/{link}") == "/dev/null", link
+
+
+def test_apt_sources(rootfs, suite):
+    # §1.2: Debian's main archive, -updates and the security archive (Raspberry Pi's own
+    # archive is not reachable from here, so the stand-in does not list it yet).
+    extra = debugfs(rootfs.raw, rootfs.offset, "ls /etc/apt/sources.list.d").split()
+    if suite == "bookworm":
+        lines = [
+            ln
+            for ln in rootfs.cat("/etc/apt/sources.list").splitlines()
+            if ln and not ln.startswith("#")
+        ]
+        comps = "main contrib non-free non-free-firmware"
+        assert lines == [
+            f"deb http://deb.debian.org/debian bookworm {comps}",
+            f"deb http://deb.debian.org/debian-security/ bookworm-security {comps}",
+            f"deb http://deb.debian.org/debian bookworm-updates {comps}",
+        ]
+        assert [n for n in extra if n.endswith((".list", ".sources"))] == []
+    else:
+        assert rootfs.cat("/etc/apt/sources.list") == ""
+        assert [n for n in extra if n.endswith((".list", ".sources"))] == ["debian.sources"]
+        text = rootfs.cat("/etc/apt/sources.list.d/debian.sources")
+        stanzas = [
+            dict(ln.split(": ", 1) for ln in block.splitlines())
+            for block in text.strip().split("\n\n")
+        ]
+        keyring = "/usr/share/keyrings/debian-archive-keyring.pgp"
+        common = {
+            "Types": "deb",
+            "Components": "main contrib non-free non-free-firmware",
+            "Signed-By": keyring,
+        }
+        assert stanzas == [
+            {**common, "URIs": "http://deb.debian.org/debian/", "Suites": "trixie trixie-updates"},
+            {
+                **common,
+                "URIs": "http://deb.debian.org/debian-security/",
+                "Suites": "trixie-security",
+            },
+        ]
+        assert rootfs.exists(keyring)
+
+
+def test_first_boot_machinery(rootfs, suite):
+    """bookworm: the init= firstboot script and SysV resize2fs_once (§1.3 steps 3, 5);
+    trixie: rpi-resize.service on a first boot that `uninitialized` signals (§1.4 steps 4-5)."""
+    if suite == "bookworm":
+        assert rootfs.mode(FIRSTBOOT) == 0o755
+        script = rootfs.cat(FIRSTBOOT)
+        assert script.startswith("#!/bin/sh\n")
+        # Strips itself (and quiet unless splash), regenerates keys by calling the script
+        # directly, writes a new disk id into the MBR, rewrites PARTUUIDs, reboots.
+        assert "s| init=/usr/lib/raspberrypi-sys-mods/firstboot||" in script
+        assert "grep -q splash" in script and "s/ quiet//g" in script
+        assert REGENERATE in script
+        assert "seek=440" in script and "/etc/fstab" in script and "cmdline.txt" in script
+        assert "reboot -f" in script
+        assert "resize2fs" not in script and "resizepart" not in script  # the initramfs's part
+        assert rootfs.mode("/etc/init.d/resize2fs_once") == 0o755
+        once = rootfs.cat("/etc/init.d/resize2fs_once")
+        assert "Default-Start:     3" in once and "resize2fs" in once
+        rc3 = debugfs(rootfs.raw, rootfs.offset, "ls /etc/rc3.d").split()
+        assert [n for n in rc3 if re.fullmatch(r"S\d\dresize2fs_once", n)], rc3
+        assert not rootfs.exists("/usr/lib/systemd/system/rpi-resize.service")
+    else:
+        assert not rootfs.exists(FIRSTBOOT)
+        unit = unit_lines(rootfs.unit("rpi-resize.service"))
+        assert "ConditionFirstBoot=yes" in unit
+        wants = {w for ln in unit if ln.startswith("Wants=") for w in ln[6:].split()}
+        assert {"first-boot-complete.target", "systemd-growfs-root.service"} <= wants
+        for w in wants:
+            assert rootfs.exists(f"/usr/lib/systemd/system/{w}"), w
+        assert "ExecStart=/usr/bin/true" in unit
+        assert [
+            ln for ln in unit if re.match(r"ExecStart(Post)?=.*systemctl .*disable rpi-resize", ln)
+        ]
+        assert rootfs.enabled_in("multi-user", "rpi-resize.service")
+
+
+def test_services_and_clock(rootfs, suite):
+    # bookworm: journal in RAM, NFS client units off, fake-hwclock with a saved time (§1.3 6-7);
+    # trixie: timesyncd's clock file owned by systemd-timesync, saved every 5 min (§1.4 step 8).
+    if suite == "bookworm":
+        journald = rootfs.cat("/etc/systemd/journald.conf").splitlines()
+        assert "Storage=volatile" in journald
+        assert not rootfs.enabled_in("multi-user", "rpcbind.service")
+        data = rootfs.cat("/etc/fake-hwclock.data").strip()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", data), data
+    else:
+        clock = "/var/lib/systemd/timesync/clock"
+        uid = next(
+            ln.split(":")[2]
+            for ln in rootfs.cat("/etc/passwd").splitlines()
+            if ln.startswith("systemd-timesync:")
+        )
+        assert rootfs.owner(clock)[0] == int(uid) and rootfs.type(clock) == "regular"
+        conf = rootfs.cat("/usr/lib/systemd/timesyncd.conf.d/40-rpi-sync.conf").split()
+        assert conf == ["[Time]", "SaveIntervalSec=5m"]
+        assert not rootfs.exists("/etc/fake-hwclock.data")
+
+
+def test_cloud_init_as_raspberry_pi_configures_it(rootfs, raw, table, suite):
+    # §1.4 step 7: NoCloud seeded from bootfs, no key work by cloud-init, pi as default user.
+    if suite == "bookworm":
+        assert not rootfs.exists("/etc/cloud")  # §1.3 step 8: no cloud-init
+        return
+    cfg = yaml.safe_load(rootfs.cat("/etc/cloud/cloud.cfg.d/99_raspberry-pi.cfg"))
+    assert cfg["datasource_list"] == ["NoCloud", "None"]
+    assert cfg["datasource"]["NoCloud"]["seedfrom"] == "file:///boot/firmware/"
+    assert cfg["ssh_deletekeys"] is False and cfg["ssh_genkeytypes"] == []
+    assert cfg["system_info"]["default_user"]["name"] == "pi"
+    # The seed the datasource reads is on bootfs.
+    p1 = table["partitions"][0]
+    img = f"{raw}@@{p1['start'] * SECTOR}"
+    meta = yaml.safe_load(sh("mtype", "-i", img, "::/meta-data", env=MTOOLS_ENV))
+    assert meta == {"dsmode": "local", "instance_id": "rpios-image"}
+    assert sh("mtype", "-i", img, "::/user-data", env=MTOOLS_ENV).startswith("#cloud-config\n")
 
 
 def test_cache_hit_is_fast_and_merges_os_list(standin_bookworm, run_standin, tmp_path):

@@ -188,7 +188,12 @@ COMMON = {
     "75-poe": set(),  # no file: lines appended to config.txt (checked below)
 }
 HEAD = {
-    "60-timesync": {"/etc/chrony/conf.d/piimage.conf"},
+    "60-timesync": {
+        "/etc/chrony/conf.d/piimage.conf",
+        "/etc/systemd/system/piimage-clock-save.service",
+        "/etc/systemd/system/piimage-clock-save.timer",
+        "->/etc/systemd/system/timers.target.wants/piimage-clock-save.timer",
+    },
     "65-shared": {
         "/etc/exports.d/piimage.exports",
         "/clusterfs/hostfile",

@@ -18,7 +18,6 @@ import pytest
 from piimage.errors import UserError
 from piimage.guestkernel import newc_archive
 from piimage.inventory import Hardware, Node
-from piimage.inventory.boards import BOARDS
 from piimage.profiles import RoleFacts
 from piimage.rehearse import (
     Agent,
@@ -32,7 +31,6 @@ from piimage.rehearse import (
     _idle_nodes,
     _overlay_tar,
     _unmunge_error,
-    vm_memory_mb,
 )
 
 
@@ -186,11 +184,7 @@ def test_failed_boot_is_described_from_units_and_console(tmp_path):
     assert _unmunge_error("STATUS:          Expired credential (15)\n") == "Expired credential (15)"
 
 
-def test_memory_and_sinfo_parsing():
-    # about the MemTotal a Pi 4 2 GB reports (1853 MB), above the RealMemory slurm.conf says
-    assert 1853 < vm_memory_mb("pi4-2gb") < 1853 * 1.05 and vm_memory_mb("pi5-16gb") > 16000
-    for model, b in BOARDS.items():
-        assert b.real_memory_mb <= b.mem_total_mb < vm_memory_mb(model), model
+def test_sinfo_parsing():
     assert _idle_nodes("node01:idle node02:down* head:mixed node03:idle") == {"node01", "node03"}
 
 
