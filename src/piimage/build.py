@@ -314,7 +314,7 @@ def execute(bp: BuildPlan) -> list[Path]:
             {i.key(): i for i in inputs.values()},
             list(bp.stages),
             apt_proxy=bp.cluster.apt.proxy,
-            apt_mirror=bp.cluster.apt.mirror,
+            apt_mirrors=bp.cluster.apt.mirrors(),
         )
         jobs = [
             _NodeJob(pn, by_key[inputs[pn.hostname].key()], ws / f"{pn.hostname}.qcow2")

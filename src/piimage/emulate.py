@@ -178,6 +178,25 @@ def _umount(mp: str) -> None:
             run(["umount", "-l", mp], check=False)
 
 
+# The archives a Raspberry Pi OS image lists (pi-gen stage0/00-configure-apt: sources.list and
+# raspi.list on bookworm, debian.sources and raspi.sources on trixie), by the key of
+# cluster.yaml's `apt:` that replaces each for the build.
+APT_ARCHIVES = {
+    "mirror": re.compile(r"https?://deb\.debian\.org/debian(?![-\w])"),
+    "security_mirror": re.compile(
+        r"https?://(?:deb|security)\.debian\.org/debian-security(?![-\w])"
+    ),
+    "raspberrypi_mirror": re.compile(r"https?://archive\.raspberrypi\.(?:com|org)/debian(?![-\w])"),
+}
+
+
+def with_mirrors(sources: str, mirrors: dict[str, str]) -> str:
+    """An apt source file's text with each archive of APT_ARCHIVES that has a mirror replaced."""
+    for key, url in mirrors.items():
+        sources = APT_ARCHIVES[key].sub(url.rstrip("/"), sources)
+    return sources
+
+
 # ---------------------------------------------------------------------------------------------
 # The chroot
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +207,12 @@ class Chroot:
         *,
         apt_cache: Path | None = None,
         apt_proxy: str | None = None,
-        apt_mirror: str | None = None,
+        apt_mirrors: dict[str, str] | None = None,
     ):
         self.image = Path(image)
         self.apt_cache = apt_cache
         self.apt_proxy = apt_proxy
-        self.apt_mirror = apt_mirror
+        self.apt_mirrors = apt_mirrors
         self.root: Path = Path()
         self._undo: list[tuple[str, Callable[[], None]]] = []
 
@@ -244,8 +263,8 @@ class Chroot:
         if self.apt_proxy:
             conf += f'Acquire::http::Proxy "{self.apt_proxy}";\n'
         self._replace_file(r / "etc/apt/apt.conf.d/99piimage-build", conf.encode(), 0o644)
-        if self.apt_mirror:
-            self._use_mirror(self.apt_mirror)
+        if self.apt_mirrors:
+            self._use_mirror(self.apt_mirrors)
 
     def _replace_file(self, path: Path, data: bytes, mode: int) -> None:
         """Put `data` at path for the run; afterwards the original (file or symlink) comes back."""
@@ -266,8 +285,8 @@ class Chroot:
 
         self._push(f"restore {path}", undo)
 
-    def _use_mirror(self, mirror: str) -> None:
-        mirror = mirror.rstrip("/")
+    def _use_mirror(self, mirrors: dict[str, str]) -> None:
+        """Point the image's apt sources (one-line or deb822) at the mirrors, for this run."""
         files = [self.root / "etc/apt/sources.list"] + sorted(
             (self.root / "etc/apt/sources.list.d").glob("*")
         )
@@ -275,7 +294,7 @@ class Chroot:
             if not f.is_file():
                 continue
             text = f.read_text()
-            new = re.sub(r"https?://deb\.debian\.org/debian(?![-\w])", mirror, text)
+            new = with_mirrors(text, mirrors)
             if new != text:
                 self._replace_file(f, new.encode(), f.stat().st_mode & 0o7777)
 

@@ -95,7 +95,7 @@ def ensure_layers(
     stages: list[Stage],
     *,
     apt_proxy: str | None = None,
-    apt_mirror: str | None = None,
+    apt_mirrors: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """The layers for these inputs (by key), from the cache or built now. Layers still to be
     built are built side by side, one per core: apt under user emulation runs one emulated
@@ -108,7 +108,7 @@ def ensure_layers(
     if len(todo) <= 1:
         for k in todo:
             out[k] = ensure_layer(
-                base, wanted[k], stages, apt_proxy=apt_proxy, apt_mirror=apt_mirror
+                base, wanted[k], stages, apt_proxy=apt_proxy, apt_mirrors=apt_mirrors
             )
         return out
     workers = max(1, min(len(todo), os.cpu_count() or 1))
@@ -120,7 +120,7 @@ def ensure_layers(
                 wanted[k],
                 stages,
                 apt_proxy=apt_proxy,
-                apt_mirror=apt_mirror,
+                apt_mirrors=apt_mirrors,
                 private_apt=True,
             ): k
             for k in todo
@@ -144,7 +144,7 @@ def ensure_layer(
     stages: list[Stage],
     *,
     apt_proxy: str | None = None,
-    apt_mirror: str | None = None,
+    apt_mirrors: dict[str, str] | None = None,
     private_apt: bool = False,
 ) -> Path:
     """The cached layer for these inputs, building it if needed (whole or nothing). With
@@ -166,7 +166,7 @@ def ensure_layer(
         apt_cache = (
             stack.enter_context(_private_archives(shared_cache)) if private_apt else shared_cache
         )
-        _build_layer(base, inputs, stages, final, apt_cache, apt_proxy, apt_mirror)
+        _build_layer(base, inputs, stages, final, apt_cache, apt_proxy, apt_mirrors)
     log.info("role layer %s: built in %.0f s", inputs.role, time.monotonic() - t0)
     return final
 
@@ -197,7 +197,7 @@ def _build_layer(
     final: Path,
     apt_cache: Path,
     apt_proxy: str | None,
-    apt_mirror: str | None,
+    apt_mirrors: dict[str, str] | None,
 ) -> None:
     t0 = time.monotonic()
     with atomic_path(final) as tmp:
@@ -206,7 +206,7 @@ def _build_layer(
         if inputs.headroom_mb:
             disk.grow_image(tmp, inputs.headroom_mb * 1024 * 1024)
         with emulate.Chroot(
-            tmp, apt_cache=apt_cache, apt_proxy=apt_proxy, apt_mirror=apt_mirror
+            tmp, apt_cache=apt_cache, apt_proxy=apt_proxy, apt_mirrors=apt_mirrors
         ) as ch:
             if inputs.packages:
                 ch.apt_install(list(inputs.packages))

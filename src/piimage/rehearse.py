@@ -656,6 +656,7 @@ class Rehearsal:
         node is settled (ready or failed), or the time is up. Returns seconds to ready."""
         deadline = self.t0 + self.timeout
         settled_at: float | None = None
+        ready_at: float | None = None
         grace = 90  # once every service is up or failed: how long sinfo may take to agree
         while time.monotonic() < deadline:
             for st in self.states.values():
@@ -697,7 +698,11 @@ class Rehearsal:
                 if n.hostname in idle:
                     self._milestone(head, f"idle-{n.hostname}", f"sinfo: {n.hostname} idle")
             if all(n.hostname in idle for n in self.compute):
-                return self.elapsed()
+                # ready; the checks start once every node has also finished booting (a
+                # node's last boot jobs can end after the cluster answers)
+                ready_at = ready_at if ready_at is not None else self.elapsed()
+                if all(st.boot_s is not None or st.failed for st in self.states.values()):
+                    return ready_at
             if settled_at is None and all(self._settled(st) for st in self.states.values()):
                 settled_at = time.monotonic()
             if settled_at is not None and time.monotonic() - settled_at > grace:
@@ -708,7 +713,7 @@ class Rehearsal:
                 return None
             time.sleep(3)
         log.info("timed out after %.0f s waiting for the cluster", self.timeout)
-        return None
+        return ready_at
 
     def _settled(self, st: NodeState) -> bool:
         if st.failed or st.boot_s is None:
@@ -759,7 +764,9 @@ class Rehearsal:
                 # mode) the journal's errors: a Pi's last console is tty1, which systemd writes to
                 try:
                     _, journal = st.agent.call(
-                        "journalctl -b -p warning --no-pager -o short-monotonic -n 40", 60
+                        "systemctl list-jobs --no-pager 2>&1 | tail -n 20; echo '--- journal'; "
+                        "journalctl -b -p warning --no-pager -o short-monotonic -n 40",
+                        60,
                     )
                 except (AgentTimeout, OSError, AssertionError):
                     journal = "(the node's agent does not answer)"
@@ -770,7 +777,7 @@ class Rehearsal:
                     st.failed
                     or f"did not finish booting in {self.timeout:.0f} s "
                     f"(system {state or 'not answering'}); see {st.console}",
-                    _console_trouble(st.console) + "\n--- journal\n" + journal,
+                    _console_trouble(st.console) + "\n--- jobs still queued\n" + journal,
                 )
                 continue
             again = (

@@ -127,7 +127,8 @@ base_sha256: {"AB" * 32}
 timezone: Europe/London
 hardware: {{model: pi5-8gb, poe_hat: rpi-poe-plus}}
 secrets_dir: private/keys
-apt: {{mirror: 'http://deb.example.org/debian', proxy: 'http://10.0.0.1:3142'}}
+apt: {{mirror: 'http://deb.example.org/debian', proxy: 'http://10.0.0.1:3142',
+      security_mirror: 'http://deb.example.org/debian-security/'}}
 shared: {{path: /srv/shared, device_uuid: 0b3c5a2e-41cf-4bd2-9a1c-1d2e3f405162}}
 cluster_user: {{name: mpi, uid: 2000}}
 stages: [extra]
@@ -143,7 +144,15 @@ stages: [extra]
     # the node's own model; the PoE HAT setting comes from the cluster's
     assert c.node("big1").hardware == inv.Hardware("pi5-16gb", 4, 15600, "rpi-poe-plus")
     assert c.secrets_dir == tmp_path / "private" / "keys"
-    assert c.apt == inv.AptSettings("http://deb.example.org/debian", "http://10.0.0.1:3142")
+    assert c.apt == inv.AptSettings(
+        "http://deb.example.org/debian",
+        "http://10.0.0.1:3142",
+        security_mirror="http://deb.example.org/debian-security/",
+    )
+    assert c.apt.mirrors() == {
+        "mirror": "http://deb.example.org/debian",
+        "security_mirror": "http://deb.example.org/debian-security/",
+    }
     assert c.shared.path == "/srv/shared" and c.shared.device_uuid.startswith("0b3c")
     assert c.cluster_user == inv.ClusterUser("mpi", 2000) and c.stages == (tmp_path / "extra",)
     assert c.admin.password_hash == SHA512 and SHA512 not in repr(c)

@@ -32,3 +32,35 @@ def test_parse_sfdisk_json():
     p1, p2 = disk.parse_sfdisk_json(text)
     assert (p1.number, p1.start, p1.type) == (1, 16384 * 512, "c")
     assert (p2.number, p2.start, p2.size) == (2, 1064960 * 512, 4194304 * 512)
+
+
+def test_apt_mirrors_cover_every_archive_of_the_real_image():
+    from piimage.emulate import with_mirrors
+
+    # bookworm: one-line sources.list and raspi.list (pi-gen stage0/00-configure-apt/files)
+    bookworm = (
+        "deb http://deb.debian.org/debian bookworm main contrib non-free non-free-firmware\n"
+        "deb http://deb.debian.org/debian-security/ bookworm-security main contrib\n"
+        "deb http://deb.debian.org/debian bookworm-updates main contrib\n"
+        "deb http://archive.raspberrypi.com/debian/ bookworm main\n"
+    )
+    mirrors = {
+        "mirror": "http://m.lan/debian/",
+        "security_mirror": "http://m.lan/security",
+        "raspberrypi_mirror": "http://m.lan/raspi",
+    }
+    assert with_mirrors(bookworm, mirrors).splitlines() == [
+        "deb http://m.lan/debian bookworm main contrib non-free non-free-firmware",
+        "deb http://m.lan/security/ bookworm-security main contrib",
+        "deb http://m.lan/debian bookworm-updates main contrib",
+        "deb http://m.lan/raspi/ bookworm main",
+    ]
+    # trixie: deb822 debian.sources; only the archives that have a mirror change
+    trixie = (
+        "Types: deb\nURIs: http://deb.debian.org/debian/\nSuites: trixie trixie-updates\n\n"
+        "Types: deb\nURIs: http://deb.debian.org/debian-security/\nSuites: trixie-security\n"
+    )
+    out = with_mirrors(trixie, {"mirror": "https://m.lan/debian"})
+    assert "URIs: https://m.lan/debian/\n" in out
+    assert "URIs: http://deb.debian.org/debian-security/\n" in out
+    assert with_mirrors(trixie, {}) == trixie

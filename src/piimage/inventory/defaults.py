@@ -75,7 +75,9 @@ hardware:
 secrets_dir: {DEFAULT_SECRETS_DIR}         # munge key, cluster SSH key, host keys (kept 0700)
 
 apt:                                  # e.g. proxy: http://{gateway}:3142 (apt-cacher-ng)
-  mirror: null
+  mirror: null                        # Debian's archive, e.g. http://mirror.example/debian
+  security_mirror: null               # Debian's security archive (…/debian-security)
+  raspberrypi_mirror: null            # Raspberry Pi's archive (archive.raspberrypi.com/debian)
   proxy: null
 
 shared:                               # exported by the head over NFS, mounted on every node

@@ -59,8 +59,15 @@ class Node:
 
 @dataclass(frozen=True)
 class AptSettings:
-    mirror: str | None = None
+    mirror: str | None = None  # Debian's main archive (deb.debian.org/debian)
     proxy: str | None = None
+    security_mirror: str | None = None  # Debian's security archive (…/debian-security)
+    raspberrypi_mirror: str | None = None  # Raspberry Pi's archive (archive.raspberrypi.com)
+
+    def mirrors(self) -> dict[str, str]:
+        """The archives the build points elsewhere, by their cluster.yaml key."""
+        keys = ("mirror", "security_mirror", "raspberrypi_mirror")
+        return {k: getattr(self, k) for k in keys if getattr(self, k)}
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ NETWORK_KEYS = {"subnet", "gateway", "dns", "interface"}
 ADMIN_KEYS = {"name", "ssh_authorized_keys", "password_hash"}
 HARDWARE_KEYS = {"model", "poe_hat"}
 NODE_HARDWARE_KEYS = {"model"}
-APT_KEYS = {"mirror", "proxy"}
+APT_KEYS = {"mirror", "proxy", "security_mirror", "raspberrypi_mirror"}
 SHARED_KEYS = {"path", "device_uuid"}
 CLUSTER_USER_KEYS = {"name", "uid"}
 # runs_jobs: the node is a SLURM compute node (slurmd, listed in slurm.conf). Always true for
@@ -502,7 +502,7 @@ def _validate(
     )
     secrets_dir = _secrets_dir(top, ck, base_dir, home)
     apt_map = ck.mapping(top.get("apt"), ("apt",), APT_KEYS)
-    apt = AptSettings(ck.url(apt_map, "mirror", ("apt",)), ck.url(apt_map, "proxy", ("apt",)))
+    apt = AptSettings(**{k: ck.url(apt_map, k, ("apt",)) for k in sorted(APT_KEYS)})
     shared = _shared(top, ck)
     cluster_user = _cluster_user(top, ck, admin)
     stages = _stages(top, ck, base_dir, home)
