@@ -12,6 +12,11 @@ listed in ../shared/REAL-PIOS.md; this is our own code for the behaviour):
 - The Raspberry Pi kernel's defaults, which come from those bootargs: the memory cgroup
   controller is off (`cgroup_disable=memory`, in `bcm2711-rpi.dtsi` and `bcm2712-rpi.dtsi` of
   raspberrypi/linux); `cgroup_enable=memory` later on the line turns it back on. `BOOTARGS`.
+  `cgroup_enable=` exists only in the Pi kernel (raspberrypi/linux "cgroup: Disable cgroup
+  "memory" by default", kernel/cgroup/cgroup.c); Debian's kernel, which the rehearsal boots,
+  has no such parameter and keeps a controller off once `cgroup_disable=` named it. So the
+  line the Pi kernel would read is kept for the report, and Debian's kernel is given what it
+  means: `for_debian_kernel()`.
 - The image's initramfs (Raspberry Pi OS's kernels load `initramfs8`/`initramfs_2712`, built
   with raspberrypi-sys-mods' hooks): `INITRAMFS_SCRIPT`, the rehearsal initrd's /init —
   - bookworm `local-premount/firstboot`: when `firstboot` is on the command line, partition 2
@@ -80,6 +85,25 @@ def kernel_cmdline(model: str, cmdline_txt: str) -> str:
     line = cmdline_txt.split("\n", 1)[0]
     words = [re.sub(r"^console=serial[01]\b", f"console={PRIMARY_UART}", w) for w in line.split()]
     return " ".join([BOOTARGS[board(model).family], *words])
+
+
+def for_debian_kernel(pi_cmdline: str) -> str:
+    """The Pi kernel's command line as Debian's kernel must get it to end in the same state:
+    each controller's cgroup_disable=/cgroup_enable= words are read left to right, as the Pi
+    kernel's handlers run in command-line order (the last one wins); Debian's kernel gets a
+    cgroup_disable= for the controllers that end disabled and no cgroup_enable= at all."""
+    words = pi_cmdline.split()
+    off: dict[str, bool] = {}
+    for w in words:
+        for prefix, state in (("cgroup_disable=", True), ("cgroup_enable=", False)):
+            if w.startswith(prefix):
+                for ctl in filter(None, w[len(prefix) :].split(",")):
+                    off[ctl] = state
+    kept = [w for w in words if not w.startswith(("cgroup_disable=", "cgroup_enable="))]
+    disabled = [c for c, is_off in off.items() if is_off]
+    if disabled:
+        kept.append("cgroup_disable=" + ",".join(disabled))
+    return " ".join(kept)
 
 
 def card_cmdline_txt(card: Path, work: Path) -> str:

@@ -226,28 +226,38 @@ class Agent:
         self._next = 1
         self._lock = threading.Lock()
 
-    def connect(self, timeout: float = 30) -> None:
+    def connect(self, timeout: float = 30) -> bool:
+        """Connect to QEMU's end of the port; False if it is not there within `timeout` (QEMU
+        still starting, or already gone: a first boot that reboots at once). call() tries
+        again."""
+        self.close()
         self._buf = b""  # a new power-on: nothing of the last connection's stream is an answer
         deadline = time.monotonic() + timeout
         while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(str(self.path))
                 self.sock = s
-                return
+                return True
             except OSError:
                 s.close()
                 if time.monotonic() > deadline:
-                    raise
+                    return False
                 time.sleep(0.2)
 
     def call(self, script: str, timeout: float) -> tuple[int, str]:
         """Run `script` with bash on the node as root: (exit code, output)."""
+        if self.sock is None and not self.connect(timeout=min(timeout, 5)):
+            raise AgentTimeout("the node's agent port is not open (is QEMU running?)")
         assert self.sock is not None
         with self._lock:
             cid = self._next
             self._next += 1
-            self.sock.sendall(f"{cid} {base64.b64encode(script.encode()).decode()}\n".encode())
+            try:
+                self.sock.sendall(f"{cid} {base64.b64encode(script.encode()).decode()}\n".encode())
+            except OSError as e:
+                self.close()
+                raise AgentTimeout(f"the node's agent port closed ({e.strerror})") from None
             deadline = time.monotonic() + timeout
             while True:
                 while b"\n" in self._buf:
@@ -264,7 +274,10 @@ class Agent:
                     chunk = self.sock.recv(65536)
                 except TimeoutError:
                     continue
+                except OSError:
+                    chunk = b""
                 if not chunk:
+                    self.close()  # QEMU went away (a reboot); the next call connects anew
                     raise AgentTimeout("the node's agent port closed")
                 self._buf += chunk
 
@@ -575,14 +588,18 @@ class Rehearsal:
                 st.cmdlines[-1],
             )
         for st in self.states.values():
-            st.agent.connect()
+            st.agent.connect(timeout=10)
 
     def _power_on(self, st: NodeState) -> None:
         cmdline = piboot.kernel_cmdline(
             st.node.hardware.model, piboot.card_cmdline_txt(st.overlay, self.run_dir)
         )
         st.cmdlines.append(cmdline)
-        st.proc = spawn(self.qemu_command(st, self.hub_port, cmdline), what=f"booting {st.name}")
+        # the report shows the Pi kernel's line; Debian's kernel gets what that line means
+        st.proc = spawn(
+            self.qemu_command(st, self.hub_port, piboot.for_debian_kernel(cmdline)),
+            what=f"booting {st.name}",
+        )
 
     def _alive(self, st: NodeState) -> bool:
         """False once a node cannot come up; a node that rebooted (a first boot may) is
@@ -602,7 +619,7 @@ class Rehearsal:
             st.reboots += 1
             st.agent.close()
             self._power_on(st)
-            st.agent.connect()
+            st.agent.connect(timeout=10)
             log.info(
                 "%s: rebooted (%.0f s); powered on again: %s",
                 st.name,
@@ -989,7 +1006,15 @@ class Rehearsal:
         failed = text.split()
         journal = ""
         if failed:
-            _, journal = self._call(st, "journalctl -b -p err --no-pager -o short-monotonic -n 40")
+            # each failed unit's own story, then the boot's errors
+            _, journal = self._call(
+                st,
+                "".join(
+                    f"systemctl status --no-pager -l -n 25 {shlex.quote(u)} 2>&1; echo; "
+                    for u in failed[:4]
+                )
+                + "journalctl -b -p err --no-pager -o short-monotonic -n 40",
+            )
         add(
             "units",
             st.name,

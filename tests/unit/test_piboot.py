@@ -71,3 +71,16 @@ def test_initramfs_plays_the_pi_first_boot_steps():
     assert "/newroot/etc/fstab" in s and "/fat/cmdline.txt" in s and "'s/ resize$//'" in s
     # the root is mounted read-only unless `rw`, and init= is honoured
     assert "mode=ro" in s and 'exec switch_root /newroot "$init"' in s
+
+
+def test_pi_kernel_cgroup_words_as_debians_kernel_needs_them():
+    pi = piboot.kernel_cmdline("pi4-2gb", "console=serial0,115200 root=PARTUUID=1-02 rootwait\n")
+    # the Pi kernel's default: the memory controller off, and Debian's kernel is told so
+    assert "cgroup_disable=memory" in piboot.for_debian_kernel(pi).split()
+    # cgroup_enable=memory later on the line (piimage's cmdline.txt) turns it back on: Debian's
+    # kernel, which has no cgroup_enable=, gets neither word
+    on = piboot.for_debian_kernel(pi + " cgroup_enable=memory")
+    assert "cgroup" not in on and "root=PARTUUID=1-02" in on.split()
+    # the last word for a controller wins; other controllers are kept apart
+    line = "a cgroup_enable=memory cgroup_disable=memory,cpuset b cgroup_enable=cpuset"
+    assert piboot.for_debian_kernel(line) == "a b cgroup_disable=memory"
