@@ -120,6 +120,7 @@ print(f"rank {comm.Get_rank()} of {comm.Get_size()} on {MPI.Get_processor_name()
 
 
 MUNGE_TTL_S = 300  # munge's default credential lifetime (MUNGE_DEFAULT_TTL)
+CLOCK_SLACK_S = 120  # the head's clock may lag its image's build time by this much
 MAX_REBOOTS = 3  # Raspberry Pi OS reboots once on a first boot (bookworm's init=firstboot)
 
 
@@ -1166,12 +1167,21 @@ class Rehearsal:
             if st.name not in offset:
                 continue
             if st is head:
+                # it started at 1970 (no real-time clock, no internet): only the time its card
+                # last knew (fake-hwclock, written when the image was built) can have set it
+                built = st.image.stat().st_mtime
+                head_time = time.time() + offset[head.name]
+                ok = head_time >= built - CLOCK_SLACK_S
+                when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(head_time))
                 add(
                     "clock",
                     st.name,
-                    True,
+                    ok,
                     f"{abs(behind) / 86400:.1f} days {'behind' if behind > 0 else 'ahead of'} "
-                    "this machine (no real-time clock, no internet)",
+                    "this machine, not before its image was built (no real-time clock, no internet)"
+                    if ok
+                    else f"its clock says {when}, before its image was built: nothing restored "
+                    "the time it last knew (no real-time clock, no internet)",
                 )
                 continue
             skew = offset[st.name] - offset[head.name]

@@ -9,6 +9,7 @@ import io
 import posixpath
 import re
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,6 +354,11 @@ def _stamp_mounted(
     machine_id = first_boot_machine_id(disk.read_if_exists("/etc/machine-id"))
     if machine_id is not None:
         tar.file("/etc/machine-id", machine_id, 0o444, 0, 0)
+    if disk.exists(FAKE_HWCLOCK):
+        # A board without a real-time clock starts from the time its card last knew; for a
+        # card that is not yet booted that is when it was built (fake-hwclock only moves the
+        # clock forward, so a stale file from the base or the role layer would set it back).
+        tar.file(FAKE_HWCLOCK_DATA, fake_hwclock_data(time.time()), 0o644, 0, 0)
     for path in sorted(acc.changed):
         mode, group = ACCOUNT_FILES[path]
         tar.file(
@@ -411,6 +417,15 @@ def _stamp_mounted(
 
 
 CMDLINE = "/boot/firmware/cmdline.txt"
+FAKE_HWCLOCK = "/usr/sbin/fake-hwclock"
+FAKE_HWCLOCK_DATA = "/etc/fake-hwclock.data"
+
+
+def fake_hwclock_data(now: float) -> bytes:
+    """fake-hwclock's saved time: UTC, as `date -u '+%Y-%m-%d %H:%M:%S'` (fake-hwclock(8))."""
+    return time.strftime("%Y-%m-%d %H:%M:%S\n", time.gmtime(now)).encode()
+
+
 # Words piimage puts at the end of cmdline.txt, after Raspberry Pi OS's own (its first boot
 # strips those it added: bookworm's init=…/firstboot and quiet, trixie's resize). Raspberry Pi
 # kernels start with the memory cgroup controller off (`cgroup_disable=memory` in the

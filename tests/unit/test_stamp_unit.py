@@ -64,3 +64,10 @@ def test_machine_id_keeps_the_first_boot_state_and_never_a_real_id():
     assert first_boot_machine_id(b"uninitialized\n") is None  # trixie: first boot, kept
     assert first_boot_machine_id(None) is None
     assert first_boot_machine_id(b"0123456789abcdef0123456789abcdef\n") == b"uninitialized\n"
+
+
+def test_fake_hwclock_data_is_utc_in_its_own_format():
+    from piimage.stamp import fake_hwclock_data
+
+    assert fake_hwclock_data(0) == b"1970-01-01 00:00:00\n"
+    assert fake_hwclock_data(1796140800) == b"2026-12-01 16:00:00\n"
