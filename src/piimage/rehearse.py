@@ -1037,8 +1037,8 @@ class Rehearsal:
         want = {u: "enabled" for u in profile.enable} | {u: "disabled" for u in profile.disable}
         if not want:
             return
-        # is-enabled prints the state of any unit it knows (masked, disabled: exit 1) and
-        # nothing for one the image does not have
+        # is-enabled prints the state of any unit it knows (masked, disabled: exit 1) and, for
+        # one the image does not have, nothing (systemd 252, bookworm) or "not-found" (257)
         rc, text = self._call(
             st,
             "\n".join(
@@ -1048,7 +1048,10 @@ class Rehearsal:
         )
         got = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
         # a unit the image does not have cannot start: as good as disabled
-        ok_states = {"enabled": {"enabled"}, "disabled": {"disabled", "masked", "not-installed"}}
+        ok_states = {
+            "enabled": {"enabled"},
+            "disabled": {"disabled", "masked", "not-installed", "not-found"},
+        }
         wrong = [
             f"{u} is {got.get(u) or 'unknown'}, wanted {w}"
             for u, w in want.items()
@@ -1185,6 +1188,19 @@ class Rehearsal:
                 )
                 continue
             skew = offset[st.name] - offset[head.name]
+            why = ""
+            if abs(skew) >= MUNGE_TTL_S:
+                # what the node's NTP client and the head's server say about it
+                _, why = self._call(
+                    st,
+                    "timedatectl timesync-status --no-pager 2>&1; timedatectl show 2>&1; "
+                    "journalctl -b -u systemd-timesyncd --no-pager -n 15 2>&1",
+                    60,
+                )
+                _, served = self._call(
+                    head, "chronyc -n tracking 2>&1; chronyc -n clients 2>&1 | head -n 8", 60
+                )
+                why += f"\n--- {head.name}\n{served}"
             add(
                 "clock",
                 st.name,
@@ -1195,6 +1211,7 @@ class Rehearsal:
                     if abs(skew) < MUNGE_TTL_S
                     else f": beyond munge's {MUNGE_TTL_S} s, credentials are refused"
                 ),
+                why,
             )
 
     def _check_hostkeys(self, booted: list[NodeState], add: Callable) -> None:

@@ -210,8 +210,8 @@ def _suites_needed(session: pytest.Session) -> set[str]:
         names = set(getattr(item, "fixturenames", ()))
         need |= {s for s in SUITES if f"standin_{s}" in names}
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("suite") in SUITES:
-            need.add(callspec.params["suite"])
+        params = callspec.params if callspec is not None else {}
+        need |= {params.get(k) for k in ("suite", "rehearsal")} & set(SUITES)
     return need
 
 
@@ -340,16 +340,20 @@ def pytest_terminal_summary(terminalreporter):
 def pytest_collection_modifyitems(session, config, items):
     """Order for a machine with nothing cached, so both cores have work from the start: the
     unit tests; then the Docker tests (their images need no stand-in); then what needs only
-    the bookworm stand-in (~4 min to build, while trixie's takes ~10 on the other core); the
-    trixie tests last. The order within each group is kept."""
+    the bookworm stand-in (~7 min to build, while trixie's takes ~18 on the other core: the
+    bookworm rehearsal runs in that time); the trixie tests last. The order within each group
+    is kept."""
 
     def rank(item) -> int:
         if "/tests/unit/" in str(item.path):
             return 0
         names = set(getattr(item, "fixturenames", ()))
         callspec = getattr(item, "callspec", None)
-        trixie = "standin_trixie" in names or (
-            callspec is not None and callspec.params.get("suite") == "trixie"
+        params = callspec.params if callspec is not None else {}
+        # a test's release: its stand-in fixture, or a "suite" or "rehearsal" parameter
+        trixie = "standin_trixie" in names or "trixie" in (
+            params.get("suite"),
+            params.get("rehearsal"),
         )
         if trixie:
             return 3

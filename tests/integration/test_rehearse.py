@@ -123,10 +123,17 @@ def _build(env, tmp_path_factory, suite: str) -> Path:
 
 
 @pytest.fixture(scope="module", params=list(BASES))
-def rehearsal(request, env, cluster, standin_bookworm, tmp_path_factory):
-    """One rehearsal per release of head, node01, node02 as built and node03 as described above."""
+def rehearsal(request, env, tmp_path_factory):
+    """One rehearsal per release of head, node01, node02 as built and node03 as described
+    above. The bookworm one needs only the bookworm stand-in, so on a cold machine it runs
+    while the trixie stand-in is still being built (conftest's test order)."""
     suite = request.param
-    good_dir = cluster if suite == "trixie" else _build(env, tmp_path_factory, suite)
+    request.getfixturevalue(f"standin_{suite}")
+    good_dir = (
+        request.getfixturevalue("cluster")
+        if suite == "trixie"
+        else _build(env, tmp_path_factory, suite)
+    )
     other = tmp_path_factory.mktemp(f"other-{suite}")
     stage = other / "old-stages" / "90-old-behaviour"
     (stage / "files").mkdir(parents=True)
