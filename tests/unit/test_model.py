@@ -201,7 +201,12 @@ HEAD = {
     },
 }
 CLIENT = {
-    "60-timesync": {"/etc/systemd/timesyncd.conf.d/piimage.conf"},
+    "60-timesync": {
+        "/etc/systemd/timesyncd.conf.d/piimage.conf",
+        "/etc/systemd/system/piimage-time-follow.service",
+        "/etc/systemd/system/piimage-time-follow.timer",
+        "->/etc/systemd/system/timers.target.wants/piimage-time-follow.timer",
+    },
     "65-shared": {
         "/etc/systemd/system/clusterfs.mount",
         "/etc/systemd/system/clusterfs.automount",
