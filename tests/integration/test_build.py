@@ -183,6 +183,10 @@ def test_cluster_services(cluster_all):
                 assert "Restart=on-failure" in v.text(
                     f"/etc/systemd/system/{daemon}.service.d/piimage-restart.conf"
                 )
+                if role != "head":  # a retry must not meet the failed scope of the try before
+                    assert "reset-failed --quiet *slurmstepd.scope" in v.text(
+                        "/etc/systemd/system/slurmd.service.d/piimage-stepd-scope.conf"
+                    )
                 if role == "head":
                     assert "slurmctld.service" in wants and "slurmd.service" not in wants
                     assert "10.0.0.0/24(rw,sync,no_subtree_check,no_root_squash)" in v.text(

@@ -216,7 +216,10 @@ CLIENT = {
 MPI = {"/etc/openmpi/openmpi-default-hostfile"}
 # kind: (hostname in the cluster, head runs jobs, stage -> paths, /clusterfs mode)
 SLURM = COMMON["55-slurm"]
-RESTART_SLURMD = {"/etc/systemd/system/slurmd.service.d/piimage-restart.conf"}
+RESTART_SLURMD = {
+    "/etc/systemd/system/slurmd.service.d/piimage-restart.conf",
+    "/etc/systemd/system/slurmd.service.d/piimage-stepd-scope.conf",
+}
 RESTART_SLURMCTLD = {"/etc/systemd/system/slurmctld.service.d/piimage-restart.conf"}
 KINDS = {
     "head": ("head", False, {**COMMON, **HEAD, "55-slurm": SLURM | RESTART_SLURMCTLD}, 0o777),
