@@ -1,0 +1,176 @@
+"""The rehearsal itself: the inputs checked, each node's overlay and VM prepared, the cluster
+booted on the hub, waited for (readiness.py) and checked (checks.py), and everything torn down
+again; `rehearse()` is what `piimage rehearse` calls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..fsutil import write_atomic
+from ..guestkernel import GuestKernel, guest_kernel
+from ..inventory import Cluster, Node
+from ..log import log
+from ..run import require_tools
+from . import overlay, readiness, vm
+from .agent import Agent, AgentTimeout
+from .checks import Context, Target, Unreachable, run_checks
+from .hub import Hub
+from .report import Check, Report
+from .vm import NodeState
+
+
+class Rehearsal:
+    def __init__(self, cluster: Cluster, nodes: tuple[Node, ...], out_dir: Path, timeout: float):
+        self.cluster = cluster
+        self.nodes = nodes
+        self.images = out_dir.absolute() / cluster.name  # QEMU's paths name it in full
+        self.logs = self.images / "rehearsal"
+        self.timeout = timeout
+        self.head = next((n for n in nodes if n.facts.slurmctld), None)
+        self.compute = [n for n in nodes if n.facts.slurmd]
+        self.states: dict[str, NodeState] = {}
+        self.t0 = 0.0
+        self.kernel: GuestKernel | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def check_inputs(self) -> None:
+        require_tools(["qemu-system-aarch64", "qemu-img"])
+        if self.head is None:
+            raise UserError(
+                "rehearse needs the head node (slurmctld, NFS server) among --nodes",
+                hint=f"add {self.cluster.head.hostname if self.cluster.head else 'the head'} to --nodes",
+            )
+        if not self.compute:
+            raise UserError("rehearse needs at least one node that runs jobs among --nodes")
+        missing = [
+            n.hostname for n in self.nodes if not (self.images / f"{n.hostname}.img").is_file()
+        ]
+        if missing:
+            raise UserError(
+                f"no built image for {', '.join(missing)} in {self.images}/",
+                hint="build them first: piimage build --all (rehearse boots the .img files of --out)",
+            )
+
+    def prepare(self, run_dir: Path) -> None:
+        """Overlays for every node (the agent added), the kernel for their release."""
+        self.run_dir = run_dir
+        self.logs.mkdir(parents=True, exist_ok=True)
+        want = vm.memory_mb(self.nodes)
+        for n in self.nodes:
+            img = (self.images / f"{n.hostname}.img").resolve()
+            ov = run_dir / f"{n.hostname}.qcow2"
+            overlay.create(img, ov, n.hostname)
+            console = self.logs / f"{n.hostname}.console.log"
+            console.unlink(missing_ok=True)
+            self.states[n.hostname] = NodeState(
+                n,
+                img,
+                ov,
+                console,
+                Agent(run_dir / f"{n.hostname}.agent"),
+                want[n.hostname],
+                index=len(self.states) + 1,
+            )
+        self.kernel = guest_kernel(overlay.install(self.states.values()))
+
+    # -- running ----------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def boot(self, hub: Hub) -> None:
+        self.t0 = time.monotonic()
+        self.hub_port = hub.port
+        for st in self.states.values():
+            self._power_on(st)
+            st.started = time.monotonic()
+            log.info(
+                "%s: booting (%d CPUs, %d MiB): %s",
+                st.name,
+                st.node.hardware.cpus,
+                st.memory_mb,
+                st.cmdlines[-1],
+            )
+        for st in self.states.values():
+            st.agent.connect(timeout=10)
+
+    def _power_on(self, st: NodeState) -> None:
+        assert self.kernel is not None
+        vm.power_on(st, self.kernel, self.hub_port, self.run_dir)
+
+    def alive(self, st: NodeState) -> bool:
+        return vm.alive(st, self._power_on, self.elapsed)
+
+    def wait_ready(self) -> float | None:
+        return readiness.wait_ready(self)
+
+    def teardown(self) -> None:
+        vm.stop_all(self.states.values())
+
+    # -- checks -----------------------------------------------------------------------------------
+    def call(
+        self, st: Target, script: str, timeout: float = 300, *, diagnose: bool = False
+    ) -> tuple[int, str]:
+        """checks.Call, through the node's agent."""
+        assert isinstance(st, NodeState)
+        if diagnose:
+            try:
+                return st.agent.call(script, timeout)
+            except (AgentTimeout, OSError, AssertionError) as e:
+                raise Unreachable(str(e)) from e
+        if st.failed:
+            return 255, st.failed
+        try:
+            return st.agent.call(script, timeout=timeout)
+        except AgentTimeout as e:
+            return 255, f"{st.name}: {e}"
+
+    def checks(self) -> list[Check]:
+        assert self.head is not None
+        nodes = list(self.states.values())
+        ctx = Context(
+            self.cluster,
+            nodes,
+            self.states[self.head.hostname],
+            self.compute,
+            self.timeout,
+            self.call,
+        )
+        return run_checks(ctx)
+
+
+def rehearse(
+    cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, timeout: float = 1200
+) -> Report:
+    """Boot `nodes` from their built images, wait for the cluster, run the checks. Always
+    tears down (QEMU processes, hub, overlays); the logs and report stay in <out>/<cluster>/rehearsal/."""
+    r = Rehearsal(cluster, nodes, out_dir, timeout)
+    r.check_inputs()
+    run_dir = Path(tempfile.mkdtemp(prefix="piimage-rehearse-", dir="/var/tmp"))
+    report = Report(cluster.name, [n.hostname for n in nodes], "", logs=str(r.logs))
+    try:
+        r.prepare(run_dir)
+        assert r.kernel is not None
+        report.kernel = r.kernel.version
+        with Hub() as hub:
+            try:
+                r.boot(hub)
+                report.ready_seconds = r.wait_ready()
+                report.checks = r.checks()
+            finally:
+                r.teardown()
+        report.boot_seconds = {
+            st.name: (round(st.boot_s, 1) if st.boot_s is not None else None)
+            for st in r.states.values()
+        }
+        report.boot_cmdlines = {st.name: st.cmdlines for st in r.states.values()}
+        if report.ready_seconds is not None:
+            report.ready_seconds = round(report.ready_seconds, 1)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    write_atomic(r.logs / "report.json", json.dumps(report.to_json(), indent=2) + "\n")
+    return report
