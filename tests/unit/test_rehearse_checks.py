@@ -1,0 +1,286 @@
+"""The rehearsal's checks and their prerequisites, over fake nodes: a check reaches a node only
+through the context's `call`, so a table of answers stands in for the cluster."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+from piimage.inventory import Hardware, Node
+from piimage.profiles import RoleFacts
+from piimage.rehearse import CHECKS, Context, Unreachable, run_checks
+from piimage.rehearse.checks import (
+    BOOT_PASSED,
+    HEAD_BOOTED,
+    IDLE,
+    ClusterCheck,
+    NodeCheck,
+    Round,
+    cluster_check,
+    node_check,
+)
+
+
+@dataclass
+class FakeNode:
+    """What a check may know of a node (checks.Target); no agent, no VM."""
+
+    node: Node
+    image: Path
+    console: Path
+    boot_s: float | None = 40.0
+    reboots: int = 0
+    failed: str | None = None
+    last: dict = field(default_factory=lambda: {"state": "running"})
+
+    @property
+    def name(self) -> str:
+        return self.node.hostname
+
+
+def _node(name: str, ip: str, head: bool = False) -> Node:
+    packages = ("slurmctld", "munge", "nfs-kernel-server") if head else ("slurmd", "munge")
+    role = "head" if head else "compute"
+    return Node(
+        name,
+        role,
+        IPv4Address(ip),
+        Hardware("pi4-2gb", 4, 1800),
+        not head,
+        facts=RoleFacts.of(packages),
+    )
+
+
+class FakeCluster:
+    """Answers each script as a healthy cluster would, except what `sinfo` says."""
+
+    def __init__(self, tmp_path: Path, sinfo: dict[str, str]):
+        self.sinfo = sinfo
+        self.calls: list[tuple[str, str]] = []
+        self.token = ""  # what the shared check wrote
+        nodes = [
+            _node("head", "10.0.0.1", head=True),
+            _node("node01", "10.0.0.11"),
+            _node("node02", "10.0.0.12"),
+        ]
+        self.targets = []
+        for n in nodes:
+            (tmp_path / f"{n.hostname}.img").write_bytes(b"")
+            (tmp_path / f"{n.hostname}.console.log").write_text("[ TIME ] Timed out waiting\n")
+            self.targets.append(
+                FakeNode(n, tmp_path / f"{n.hostname}.img", tmp_path / f"{n.hostname}.console.log")
+            )
+        self.cluster = NS(
+            name="lab",
+            roles={},
+            shared=NS(path="/srv/shared", device_uuid=None),
+            cluster_user=NS(name="mpi", home="/home/mpi"),
+            admin=NS(name="admin"),
+        )
+
+    def context(self) -> Context:
+        head = self.targets[0]
+        compute = [t.node for t in self.targets[1:]]
+        return Context(self.cluster, self.targets, head, compute, 600, self.call)
+
+    def call(self, st, script: str, timeout: float = 300, *, diagnose: bool = False):
+        self.calls.append((st.name, script))
+        if "-token && " in script:
+            self.token = re.search(r"rehearsal \d+", script).group(0)
+        if st.failed and not diagnose:
+            return 255, st.failed
+        if st.boot_s is None:
+            if diagnose:
+                raise Unreachable("no answer")
+            return 255, f"{st.name}: no answer"
+        idle = [n for n, s in self.sinfo.items() if s == "idle"]
+        ranks = "".join(
+            f"rank {i} of {len(idle)} on {h}: sum {len(idle) * (len(idle) + 1) // 2}\n"
+            for i, h in enumerate(idle)
+        )
+        answers = [
+            (r"^hostname$", st.name),
+            (r"^ip -4", f"eth0 {st.node.ip}/24"),
+            (r"^systemctl is-active", "active"),
+            (r"^systemctl list-units", ""),
+            (
+                r"^b=\$\(basename",
+                "fs=15000000000\nstart=8192\npart=30000000\ndisk=30008192\nshared=15000000000",
+            ),
+            (r"^echo wizard", "wizard=inactive\nnologin=no\nbanner=none"),
+            (r"^cat /sys/fs/cgroup", "cpu memory\n"),
+            (r"^date \+%s", f"{time.time():.3f}"),
+            (r"^munge -n", "MUNGE:cred:"),
+            (r"unmunge", "STATUS: Success (0)"),
+            (
+                r"sinfo -N",
+                "NODELIST STATE\n" + "".join(f"{n} {s}\n" for n, s in self.sinfo.items()),
+            ),
+            (r"srun -I120 -N\d+ -w \S+ hostname", "\n".join(idle)),
+            (r"-token && ", ""),
+            (r"cat \S+-token", self.token),
+            (r"mpi\.py", ranks),
+            (r"^ssh-keyscan", f"ssh-ed25519 KEY-{st.name}"),
+            (
+                r"ssh-keygen -F",
+                "\n".join(f"{h} ssh-ed25519 KEY-{h}" for h in ("head", "node01", "node02")),
+            ),
+            (r"ssh -o BatchMode.* (\S+) hostname", None),
+            (r"^rm -f", ""),
+        ]
+        for pattern, out in answers:
+            m = re.search(pattern, script)
+            if m:
+                return 0, (m.group(1) if out is None else out)
+        raise AssertionError(f"unexpected script on {st.name}: {script}")
+
+
+def _names(results) -> list[str]:
+    return [f"{c.name} {c.node}" for c in results]
+
+
+def test_every_check_runs_in_report_order_when_all_is_well(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    results = run_checks(fake.context())
+    assert all(c.ok for c in results), [(c.name, c.node, c.summary) for c in results if not c.ok]
+    per_node = ["boot", "hostname", "address", "services"]
+    first_boot = ["units", "enablement", "root", "login", "memcg"]
+    # enablement has nothing to say without profiles: it adds no result
+    first_boot.remove("enablement")
+    assert _names(results) == (
+        [f"{c} {n}" for n in ("head", "node01", "node02") for c in per_node]
+        + [f"{c} {n}" for n in ("head", "node01", "node02") for c in first_boot]
+        + ["clock head", "clock node01", "clock node02", "munge node01", "munge node02"]
+        + ["sinfo head", "srun head", "shared node01", "shared node02", "mpi head"]
+        + ["hostkey head", "hostkey node01", "hostkey node02", "ssh node01", "ssh node02"]
+        + ["mpirun head"]
+    )
+    # what the checks left in the shared directory goes, in one command, at the end
+    assert fake.calls[-1] == (
+        "head",
+        "rm -f /srv/shared/.piimage-rehearsal-token /srv/shared/.piimage-rehearsal-mpi.py "
+        "/srv/shared/.piimage-rehearsal-hostfile",
+    )
+
+
+def test_no_idle_node_reports_both_jobs_not_run_where_srun_stands(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "down*", "node02": "drain"})
+    results = run_checks(fake.context())
+    names = _names(results)
+    i = names.index("sinfo head")
+    assert names[i:] == ["sinfo head", "srun head", "mpi head", "shared node01", "shared node02"]
+    for c in results[i + 1 : i + 3]:
+        assert not c.ok and c.summary == "not run: node01 is down*; node02 is drain"
+    # hostkey, ssh and mpirun need an idle compute node: skipped without a word
+    assert fake.calls[-1][1].startswith("rm -f ") and "hostfile" not in fake.calls[-1][1]
+
+
+def test_one_idle_node_runs_the_jobs_there_and_says_who_was_left_out(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "down"})
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    assert not results["sinfo", "head"].ok
+    assert results["srun", "head"].summary == "srun -N1 hostname: node01 (node02 is down: left out)"
+    assert results["mpi", "head"].summary.endswith(": sum 1 (node02 is down: left out)")
+
+
+def test_a_head_that_did_not_boot_stops_the_checks_after_each_node_own(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    fake.targets[0].boot_s = None
+    fake.targets[0].last = {}
+    results = run_checks(fake.context())
+    boot = results[0]
+    assert (boot.name, boot.node, boot.ok) == ("boot", "head", False)
+    assert boot.summary.startswith("did not finish booting in 600 s (system not answering); see ")
+    assert (
+        "(the node's agent does not answer)" in boot.output and "Timed out waiting" in boot.output
+    )
+    assert {c.name for c in results} == {
+        "boot",
+        "hostname",
+        "address",
+        "services",
+        "units",
+        "root",
+        "login",
+        "memcg",
+    }
+    assert [name for name, _ in fake.calls].count("head") == 1  # only the boot's diagnosis
+
+
+def test_failed_node_is_asked_only_through_call(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "down"})
+    st = fake.targets[2]
+    st.failed = "QEMU exited (code 1); see node02.console.log"
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    # booted, then lost: its own checks fail with why, the first-boot checks skip it
+    assert results["boot", "node02"].ok
+    assert results["hostname", "node02"].summary == f"hostname is {st.failed!r}, expected 'node02'"
+    assert ("units", "node02") not in results and ("hostkey", "node02") not in results
+    assert results["munge", "node02"].summary.startswith("node02 cannot decode a credential")
+
+
+def test_registry_skips_by_prerequisite():
+    seen = []
+
+    @node_check("a")
+    def a(ctx, st):
+        seen.append(f"a {st.name}")
+        if st.name == "n1":
+            ctx.node_facts[st.name].add(BOOT_PASSED)
+
+    @node_check("b", needs=BOOT_PASSED)
+    def b(ctx, st):
+        seen.append(f"b {st.name}")
+
+    @cluster_check("c", HEAD_BOOTED, IDLE, not_run={IDLE: ("c", "d")})
+    def c(ctx):
+        seen.append("c")
+
+    @cluster_check("e", IDLE)
+    def e(ctx):
+        seen.append("e")
+
+    assert isinstance(a, NodeCheck) and isinstance(c, ClusterCheck)
+    n1, n2 = (FakeNode(_node(n, "10.0.0.9"), Path("/i"), Path("/c")) for n in ("n1", "n2"))
+    ctx = Context(NS(), [n1, n2], n1, [], 60, call=None)
+    ctx.missing[IDLE] = "n2 is down"
+    results = run_checks(ctx, (Round(a, b), c, e))
+    assert seen == ["a n1", "b n1", "a n2"]
+    assert [(r.name, r.node, r.ok, r.summary) for r in results] == [
+        ("c", "n1", False, "not run: n2 is down"),
+        ("d", "n1", False, "not run: n2 is down"),
+    ]
+    # a need missing that the check does not report is a silent skip
+    n1.boot_s = None
+    ctx = Context(NS(), [n1, n2], n1, [], 60, call=None)
+    assert run_checks(ctx, (c, e)) == []
+
+
+def test_registry_names_the_checks_of_the_report_in_order():
+    names = []
+    for entry in CHECKS:
+        names += [c.name for c in entry.checks] if isinstance(entry, Round) else [entry.name]
+    assert names == [
+        "boot",
+        "hostname",
+        "address",
+        "services",
+        "units",
+        "enablement",
+        "root",
+        "login",
+        "memcg",
+        "clock",
+        "munge",
+        "sinfo",
+        "srun",
+        "shared",
+        "mpi",
+        "hostkey",
+        "ssh",
+        "mpirun",
+    ]
