@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import fetch, render, settings
+from .disk import overlay as cow_overlay
 from .errors import BuildError, UserError
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
@@ -36,7 +37,7 @@ from .output import (
     write_sha256sums,
 )
 from .profiles import Profile, effective
-from .run import require_tools, run, terminate_all
+from .run import require_tools, terminate_all
 from .settings import data_dir
 from .stages import NodePlan, Stage, discover, plan_node
 from .stamp import Admin, node_disk_id, stamp
@@ -321,21 +322,7 @@ def execute(bp: BuildPlan) -> list[Path]:
             for pn in bp.nodes
         ]
         for job in jobs:
-            run(
-                [
-                    "qemu-img",
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    str(job.layer),
-                    "-F",
-                    "raw",
-                    str(job.overlay),
-                ],
-                what=f"qemu-img create for {job.planned.hostname}",
-            )
+            cow_overlay(job.layer, job.overlay, what=f"qemu-img create for {job.planned.hostname}")
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)
         with Publisher(bp, out, published) as publisher:
             with GuestSession([job.overlay for job in jobs]) as session:

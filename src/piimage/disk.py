@@ -1,4 +1,4 @@
-"""Disk image files: the partition table (read with sfdisk, never hard-coded offsets), a loop
+"""Disk image files: copy-on-write overlays, the partition table (read with sfdisk, never hard-coded offsets), a loop
 device on one partition (by byte offset: this kernel cannot see loop partitions), and growing
 or shrinking partition 2 with its ext4 filesystem. Nothing here mounts or runs arm64 code."""
 
@@ -26,6 +26,13 @@ class Partition:
     start: int  # bytes
     size: int  # bytes
     type: str
+
+
+def overlay(backing: Path, path: Path, *, size: int | None = None, what: str) -> None:
+    """A qcow2 file at `path` that reads as the raw image `backing` and takes every write
+    itself (the backing file is never written); `size` (bytes) makes the disk larger."""
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(path)]
+    run([*cmd, *([str(size)] if size else [])], what=what)
 
 
 def partitions(image: Path) -> list[Partition]:

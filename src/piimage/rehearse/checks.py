@@ -676,22 +676,14 @@ def mpi(ctx: Context) -> None:
         ),
         timeout=480,
     )
-    ranks = re.findall(r"rank (\d+) of (\d+) on (\S+): sum (\d+)", text)
-    want_sum = count * (count + 1) // 2
-    hosts = sorted({h for _, _, h, _ in ranks})
-    ok = (
-        rc == 0
-        and len(ranks) == count
-        and all(int(s) == want_sum and int(z) == count for _, z, _, s in ranks)
-        and hosts == sorted(n.hostname for n in jobs)
-    )
+    ok, ranks, hosts, want_sum = _mpi_outcome(rc, text, jobs)
     ctx.add(
         "mpi",
         ctx.head.name,
         ok,
         f"mpi4py allreduce over {count} ranks on {' '.join(hosts)}: sum {want_sum}{ctx.facts[IDLE].left_out}"
         if ok
-        else f"mpi4py job across {names} failed (exit {rc}, {len(ranks)} of {count} ranks answered)",
+        else f"mpi4py job across {names} failed (exit {rc}, {ranks} of {count} ranks answered)",
         text,
         t0,
     )
@@ -792,22 +784,14 @@ def mpirun(ctx: Context) -> None:
         ),
         timeout=480,
     )
-    ranks = re.findall(r"rank (\d+) of (\d+) on (\S+): sum (\d+)", text)
-    want_sum = count * (count + 1) // 2
-    hosts = sorted({h for _, _, h, _ in ranks})
-    ok = (
-        rc == 0
-        and len(ranks) == count
-        and all(int(s) == want_sum and int(z) == count for _, z, _, s in ranks)
-        and hosts == sorted(n.hostname for n in jobs)
-    )
+    ok, ranks, hosts, want_sum = _mpi_outcome(rc, text, jobs)
     ctx.add(
         "mpirun",
         ctx.head.name,
         ok,
         f"mpirun --hostfile over {count} ranks on {' '.join(hosts)}: sum {want_sum}{ctx.facts[IDLE].left_out}"
         if ok
-        else f"mpirun --hostfile across {pattern.replace('|', ',')} failed (exit {rc}, {len(ranks)} of {count} ranks)",
+        else f"mpirun --hostfile across {pattern.replace('|', ',')} failed (exit {rc}, {ranks} of {count} ranks)",
         text,
         t0,
     )
@@ -826,6 +810,22 @@ CHECKS: tuple[Round | ClusterCheck, ...] = (
     ssh,
     mpirun,
 )
+
+
+def _mpi_outcome(rc: int, text: str, jobs: list[Node]) -> tuple[bool, int, list[str], int]:
+    """What an MPI_PROGRAM run over one rank per node of `jobs` printed: (it went right, ranks
+    that answered, the hosts they ran on, the sum each rank must have)."""
+    count = len(jobs)
+    ranks = re.findall(r"rank (\d+) of (\d+) on (\S+): sum (\d+)", text)
+    want_sum = count * (count + 1) // 2
+    hosts = sorted({h for _, _, h, _ in ranks})
+    ok = (
+        rc == 0
+        and len(ranks) == count
+        and all(int(s) == want_sum and int(z) == count for _, z, _, s in ranks)
+        and hosts == sorted(n.hostname for n in jobs)
+    )
+    return ok, len(ranks), hosts, want_sum
 
 
 def _unmunge_error(out: str) -> str:

@@ -12,9 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import piboot
+from .. import disk, piboot
 from ..errors import BuildError, UserError
-from ..run import run
 from .agent import AGENT_PATH, AGENT_PORT, AGENT_SCRIPT, AGENT_UNIT
 
 if TYPE_CHECKING:
@@ -94,20 +93,10 @@ def _overlay_tar() -> bytes:
 def create(image: Path, overlay: Path, hostname: str) -> None:
     """A qcow2 overlay with `image` as its backing file."""
     # the card is larger than the image, as the SD card a user flashes is
-    run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            image,
-            overlay,
-            str(max(piboot.CARD_BYTES, image.stat().st_size)),
-        ],
+    disk.overlay(
+        image,
+        overlay,
+        size=max(piboot.CARD_BYTES, image.stat().st_size),
         what=f"qemu-img create (overlay for {hostname})",
     )
 
