@@ -62,6 +62,7 @@ class FakeCluster:
         self.sinfo = sinfo
         self.calls: list[tuple[str, str]] = []
         self.token = ""  # what the shared check wrote
+        self.first_boot = "none"  # no rpi-resize.service: an image like bookworm's
         nodes = [
             _node("head", "10.0.0.1", head=True),
             _node("node01", "10.0.0.11"),
@@ -112,6 +113,7 @@ class FakeCluster:
                 "fs=15000000000\nstart=8192\npart=30000000\ndisk=30008192\nshared=15000000000",
             ),
             (r"^echo wizard", "wizard=inactive\nnologin=no\nbanner=none"),
+            (r"ConditionResult --value rpi-resize", self.first_boot),
             (r"^cat /sys/fs/cgroup", "cpu memory\n"),
             (r"^date \+%s", f"{time.time():.3f}"),
             (r"^munge -n", "MUNGE:cred:"),
@@ -272,6 +274,7 @@ def test_registry_names_the_checks_of_the_report_in_order():
         "units",
         "enablement",
         "root",
+        "firstboot",
         "login",
         "memcg",
         "clock",
@@ -284,3 +287,16 @@ def test_registry_names_the_checks_of_the_report_in_order():
         "ssh",
         "mpirun",
     ]
+
+
+def test_first_boot_is_checked_where_the_image_has_first_boot_units(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    fake.first_boot = "yes"
+    results = run_checks(fake.context())
+    assert [c.node for c in results if c.name == "firstboot"] == ["head", "node01", "node02"]
+    assert all(c.ok for c in results)
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    fake.first_boot = "no"  # an empty machine-id: systemd saw no first boot
+    bad = [c for c in run_checks(fake.context()) if c.name == "firstboot"]
+    assert bad and not any(c.ok for c in bad)
+    assert "was not a first boot" in bad[0].summary and "uninitialized" in bad[0].summary

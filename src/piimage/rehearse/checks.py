@@ -424,6 +424,34 @@ def root(ctx: Context, st: Target) -> None:
     ctx.add("root", st.name, bool(spans and full and shared_ok), summary, text)
 
 
+@node_check("firstboot", needs=UP)
+def firstboot(ctx: Context, st: Target) -> None:
+    """The card's first power-on was a first boot to systemd, as on a Pi: trixie images mark it
+    with machine-id "uninitialized", and the units that only run then (rpi-resize.service,
+    systemd's first-boot presets) key on it. Images without rpi-resize.service (bookworm,
+    whose first boot is its init= script) have nothing to show here and get no line."""
+    rc, text = ctx.call(
+        st,
+        "if [ -e /usr/lib/systemd/system/rpi-resize.service ]; then "
+        "systemctl show -p ConditionResult --value rpi-resize.service; else echo none; fi",
+    )
+    answer = text.strip()
+    if rc == 0 and answer == "none":
+        return
+    ok = rc == 0 and answer == "yes"
+    ctx.add(
+        "firstboot",
+        st.name,
+        ok,
+        "first boot: rpi-resize.service ran (ConditionFirstBoot met)"
+        if ok
+        else "the card's first power-on was not a first boot (ConditionFirstBoot unmet: "
+        "/etc/machine-id was not 'uninitialized'), so rpi-resize.service and the other "
+        "first-boot units did not run",
+        text,
+    )
+
+
 @node_check("login", needs=UP)
 def login(ctx: Context, st: Target) -> None:
     """The admin can log in: no first-boot user wizard pending (Raspberry Pi's userconfig),
@@ -699,7 +727,9 @@ def hostkey(ctx: Context) -> None:
     served = {}
     for st in booted:
         _, text = ctx.call(
-            st, "ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | awk '{print $2, $3}'"
+            st,
+            # OpenSSH 10 (trixie) prints its "# 127.0.0.1:22 SSH-2.0-…" line on stdout too
+            "ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | grep -v '^#' | awk '{print $2, $3}'",
         )
         served[st.name] = text.strip()
     names = " ".join(st.name for st in booted)
@@ -799,7 +829,7 @@ def mpirun(ctx: Context) -> None:
 
 CHECKS: tuple[Round | ClusterCheck, ...] = (
     Round(boot, hostname, address, services),
-    Round(units, enablement, root, login, memcg),
+    Round(units, enablement, root, firstboot, login, memcg),
     clock,
     munge,
     sinfo,
