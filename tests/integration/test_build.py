@@ -201,6 +201,13 @@ def test_cluster_services(cluster_all):
                         "/etc/systemd/system/remote-fs.target.wants/clusterfs.automount"
                     )
                     assert "NTP=10.0.0.10" in v.text("/etc/systemd/timesyncd.conf.d/piimage.conf")
+                    # munge (and slurmd after it) wait for the first sync with the head: the
+                    # wait unit is the release's own (the link must not point at nothing)
+                    wait = "/etc/systemd/system/sysinit.target.wants/systemd-time-wait-sync.service"
+                    assert v.exists(v.readlink(wait))
+                    assert "After=time-sync.target" in v.text(
+                        "/etc/systemd/system/munge.service.d/piimage-after-sync.conf"
+                    )
                 # cluster user: same UID everywhere, the cluster keypair
                 assert v.uid_of("mpiuser") == 1500
                 assert v.mode("/home/mpiuser/.ssh/id_ed25519") == 0o600
@@ -262,6 +269,8 @@ def test_bookworm_node(env, standin_bookworm, tmp_path):
             assert pubkey(env) in v.text("/home/alice/.ssh/authorized_keys")
             assert {"slurmd", "munge", "python3-mpi4py"} <= v.dpkg_installed()
             assert v.owner("/etc/munge/munge.key")[0] == v.uid_of("munge")
+            wait = "/etc/systemd/system/sysinit.target.wants/systemd-time-wait-sync.service"
+            assert v.exists(v.readlink(wait))  # bookworm's systemd has the wait unit too
             cmdline = v.text("/boot/firmware/cmdline.txt")
             assert "init=/usr/lib/raspberrypi-sys-mods/firstboot" in cmdline
             assert cmdline.split()[-1] == "cgroup_enable=memory"

@@ -198,6 +198,7 @@ HEAD = {
         "/etc/exports.d/piimage.exports",
         "/clusterfs/hostfile",
         "/etc/openmpi/openmpi-default-hostfile",
+        "/etc/openmpi/prte-default-hostfile",
     },
 }
 CLIENT = {
@@ -206,6 +207,8 @@ CLIENT = {
         "/etc/systemd/system/piimage-time-follow.service",
         "/etc/systemd/system/piimage-time-follow.timer",
         "->/etc/systemd/system/timers.target.wants/piimage-time-follow.timer",
+        "/etc/systemd/system/munge.service.d/piimage-after-sync.conf",
+        "->/etc/systemd/system/sysinit.target.wants/systemd-time-wait-sync.service",
     },
     "65-shared": {
         "/etc/systemd/system/clusterfs.mount",
@@ -213,7 +216,7 @@ CLIENT = {
         "->/etc/systemd/system/remote-fs.target.wants/clusterfs.automount",
     },
 }
-MPI = {"/etc/openmpi/openmpi-default-hostfile"}
+MPI = {"/etc/openmpi/openmpi-default-hostfile", "/etc/openmpi/prte-default-hostfile"}
 # kind: (hostname in the cluster, head runs jobs, stage -> paths, /clusterfs mode)
 SLURM = COMMON["55-slurm"]
 RESTART_SLURMD = {
@@ -300,6 +303,11 @@ def test_render_matrix(matrix, kind):
     if "/etc/openmpi/openmpi-default-hostfile" in files:
         hostfile = files["/etc/openmpi/openmpi-default-hostfile"]
         assert ("head slots=4" in hostfile) is jobs and "node01 slots=4" in hostfile
+        assert files["/etc/openmpi/prte-default-hostfile"] == hostfile  # Open MPI 5's name
+    assert "MpiDefault=pmix" in conf  # plain srun: one MPI world, not singletons
+    if "/etc/systemd/system/clusterfs.mount" in files:
+        mount = files["/etc/systemd/system/clusterfs.mount"]
+        assert "Options=_netdev,nofail,hard," in mount and "soft" not in mount.split("Options=")[1]
     if "/etc/systemd/system/clusterfs.mount" in files:
         assert "What=head:/clusterfs" in files["/etc/systemd/system/clusterfs.mount"]
     # every node's slurm.conf, hosts and known_hosts are the same

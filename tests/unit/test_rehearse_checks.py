@@ -99,9 +99,12 @@ class FakeCluster:
                 raise Unreachable("no answer")
             return 255, f"{st.name}: no answer"
         idle = [n for n, s in self.sinfo.items() if s == "idle"]
+        # an MPI world of -n ranks (srun: MpiDefault) or one per node (mpirun), spread over idle
+        m = re.search(r"srun \S+ -N\d+ -n(\d+)", script)
+        size = int(m.group(1)) if m else len(idle)
         ranks = "".join(
-            f"rank {i} of {len(idle)} on {h}: sum {len(idle) * (len(idle) + 1) // 2}\n"
-            for i, h in enumerate(idle)
+            f"rank {i} of {size} on {idle[i % len(idle)]}: sum {size * (size + 1) // 2}\n"
+            for i in range(size)
         )
         answers = [
             (r"^hostname$", st.name),
@@ -186,7 +189,7 @@ def test_one_idle_node_runs_the_jobs_there_and_says_who_was_left_out(tmp_path):
     results = {(c.name, c.node): c for c in run_checks(fake.context())}
     assert not results["sinfo", "head"].ok
     assert results["srun", "head"].summary == "srun -N1 hostname: node01 (node02 is down: left out)"
-    assert results["mpi", "head"].summary.endswith(": sum 1 (node02 is down: left out)")
+    assert results["mpi", "head"].summary.endswith("allreduce sum 3 (node02 is down: left out)")
 
 
 def test_a_head_that_did_not_boot_stops_the_checks_after_each_node_own(tmp_path):

@@ -31,6 +31,7 @@ from .vm import _console_trouble
 OUTPUT_TAIL = 4000  # characters of a check's output kept in the report
 MUNGE_TTL_S = 300  # munge's default credential lifetime (MUNGE_DEFAULT_TTL)
 CLOCK_SLACK_S = 120  # the head's clock may lag its image's build time by this much
+MPI_RANKS_PER_NODE = 2  # the srun job: more ranks than nodes, so singletons cannot pass
 
 MPI_PROGRAM = """\
 from mpi4py import MPI
@@ -692,26 +693,29 @@ def shared(ctx: Context) -> None:
 # skipped silently when no compute node is idle: the srun check reports it "not run"
 @cluster_check("mpi", HEAD_BOOTED, IDLE, SHARED_FILES)
 def mpi(ctx: Context) -> None:
-    """An mpi4py job across every idle compute node."""
+    """A plain `srun` (no --mpi: slurm.conf's MpiDefault) of an mpi4py job, two ranks on every
+    idle compute node: one world of them all, not singletons that each say "rank 0 of 1"."""
     jobs, fname = ctx.facts[IDLE].nodes, ctx.facts[SHARED_FILES]
     names = ",".join(n.hostname for n in jobs)
-    count = len(jobs)
+    size = MPI_RANKS_PER_NODE * len(jobs)
     t0 = time.monotonic()
     rc, text = ctx.call(
         ctx.head,
         ctx.as_user(
-            f"timeout 400 srun -I120 --mpi=pmix -N{count} --ntasks-per-node=1 -w {names} python3 {fname}-mpi.py"
+            f"timeout 400 srun -I120 -N{len(jobs)} -n{size} -w {names} python3 {fname}-mpi.py"
         ),
         timeout=480,
     )
-    ok, ranks, hosts, want_sum = _mpi_outcome(rc, text, jobs)
+    ok, ranks, hosts, want_sum = _mpi_outcome(rc, text, jobs, size)
     ctx.add(
         "mpi",
         ctx.head.name,
         ok,
-        f"mpi4py allreduce over {count} ranks on {' '.join(hosts)}: sum {want_sum}{ctx.facts[IDLE].left_out}"
+        f"srun -N{len(jobs)} -n{size}: one mpi4py world of {size} ranks on {' '.join(hosts)}, "
+        f"allreduce sum {want_sum}{ctx.facts[IDLE].left_out}"
         if ok
-        else f"mpi4py job across {names} failed (exit {rc}, {ranks} of {count} ranks answered)",
+        else f"mpi4py job across {names} failed (exit {rc}, {ranks} of {size} ranks answered"
+        " in a world of that size)",
         text,
         t0,
     )
@@ -814,7 +818,7 @@ def mpirun(ctx: Context) -> None:
         ),
         timeout=480,
     )
-    ok, ranks, hosts, want_sum = _mpi_outcome(rc, text, jobs)
+    ok, ranks, hosts, want_sum = _mpi_outcome(rc, text, jobs, count)
     ctx.add(
         "mpirun",
         ctx.head.name,
@@ -842,10 +846,12 @@ CHECKS: tuple[Round | ClusterCheck, ...] = (
 )
 
 
-def _mpi_outcome(rc: int, text: str, jobs: list[Node]) -> tuple[bool, int, list[str], int]:
-    """What an MPI_PROGRAM run over one rank per node of `jobs` printed: (it went right, ranks
+def _mpi_outcome(
+    rc: int, text: str, jobs: list[Node], count: int
+) -> tuple[bool, int, list[str], int]:
+    """What an MPI_PROGRAM run of `count` ranks over the nodes `jobs` printed: (it went right:
+    every rank answered, in one world of `count`, on every node of `jobs` and no other; the ranks
     that answered, the hosts they ran on, the sum each rank must have)."""
-    count = len(jobs)
     ranks = re.findall(r"rank (\d+) of (\d+) on (\S+): sum (\d+)", text)
     want_sum = count * (count + 1) // 2
     hosts = sorted({h for _, _, h, _ in ranks})
