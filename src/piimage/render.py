@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from .inventory import Cluster, Hardware, Node
 
 PARTITION = "cluster"  # the SLURM partition every job node is in
+# Memory a head that also runs jobs keeps back from them (slurm.conf MemSpecLimit), for
+# slurmctld, the NFS server and chrony.
+HEAD_MEM_SPEC_MB = 512
 
 
 def cluster_context(cluster: Cluster) -> dict[str, Any]:
@@ -48,6 +51,7 @@ def cluster_context(cluster: Cluster) -> dict[str, Any]:
         "nodes": nodes,
         "head": by_name[head.hostname] if head else None,
         "compute_nodes": [by_name[n.hostname] for n in cluster.job_nodes],
+        "slurm": {"def_mem_per_cpu": def_mem_per_cpu(cluster.job_nodes)},
         "apt": {"mirror": cluster.apt.mirror, "proxy": cluster.apt.proxy},
         "shared": {
             "path": cluster.shared.path,
@@ -107,8 +111,23 @@ def _node_data(n: Node, cluster: Cluster) -> dict[str, Any]:
         "model": hw["model"],
         "cpus": hw["cpus"],
         "memory_mb": hw["memory_mb"],
+        # memory kept from jobs: on a head that runs them, for its own services
+        "mem_spec_mb": mem_spec_mb(n),
         "hardware": hw,
     }
+
+
+def mem_spec_mb(n: Node) -> int:
+    return HEAD_MEM_SPEC_MB if n.facts.slurmd and n.facts.slurmctld else 0
+
+
+def def_mem_per_cpu(job_nodes: tuple[Node, ...]) -> int:
+    """slurm.conf DefMemPerCPU (MiB): what a job that does not say --mem gets per core. With
+    memory a consumable resource (CR_Core_Memory), a job without it would otherwise take a
+    whole node's memory and keep every other job off that node. The smallest share of any job
+    node, so a default job fits on every node."""
+    shares = [(n.hardware.memory_mb - mem_spec_mb(n)) // n.hardware.cpus for n in job_nodes]
+    return max(1, min(shares)) if shares else 1
 
 
 def systemd_path_unit(path: str) -> str:

@@ -173,7 +173,15 @@ def test_cluster_context_is_plain_data_without_secrets(tmp_path):
         "apt",
         "shared",
         "cluster_user",
+        "slurm",
     }
+    # a head that runs jobs keeps memory back for its services; the default --mem fits every node
+    spec = {n["hostname"]: n["mem_spec_mb"] for n in ctx["nodes"]}
+    assert spec["head"] == render.HEAD_MEM_SPEC_MB and set(spec.values()) == {0, 512}
+    assert ctx["slurm"]["def_mem_per_cpu"] == min(
+        (n["memory_mb"] - n["mem_spec_mb"]) // n["cpus"] for n in ctx["compute_nodes"]
+    )
+    assert any(n["hostname"] == "head" for n in ctx["compute_nodes"])
     assert ctx["cluster"] == {"name": "lab", "timezone": "Etc/UTC"}
     assert ctx["network"] == {
         "subnet": "10.0.0.0/24",
@@ -199,6 +207,7 @@ def test_cluster_context_is_plain_data_without_secrets(tmp_path):
         "model": "pi4-2gb",
         "cpus": 4,
         "memory_mb": 1800,
+        "mem_spec_mb": 0,
         "hardware": {"model": "pi4-2gb", "cpus": 4, "memory_mb": 1800, "poe_hat": None},
     }
     assert ctx["head"]["hostname"] == "head"

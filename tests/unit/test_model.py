@@ -305,6 +305,14 @@ def test_render_matrix(matrix, kind):
         assert ("head slots=4" in hostfile) is jobs and "node01 slots=4" in hostfile
         assert files["/etc/openmpi/prte-default-hostfile"] == hostfile  # Open MPI 5's name
     assert "MpiDefault=pmix" in conf  # plain srun: one MPI world, not singletons
+    # containment: cgroup tracking and limits; memory consumable, a default that fits every node
+    assert (
+        "ProctrackType=proctrack/cgroup" in conf and "TaskPlugin=task/cgroup,task/affinity" in conf
+    )
+    assert "SelectTypeParameters=CR_Core_Memory" in conf
+    assert ("DefMemPerCPU=322" if jobs else "DefMemPerCPU=450") in conf  # (1800 - 512) // 4
+    assert ("MemSpecLimit=512 State" in conf) is jobs  # only the head that runs jobs
+    assert "ConstrainRAMSpace=yes" in files["/etc/slurm/cgroup.conf"]
     if "/etc/systemd/system/clusterfs.mount" in files:
         mount = files["/etc/systemd/system/clusterfs.mount"]
         assert "Options=_netdev,nofail,hard," in mount and "soft" not in mount.split("Options=")[1]

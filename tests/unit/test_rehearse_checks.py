@@ -63,6 +63,8 @@ class FakeCluster:
         self.calls: list[tuple[str, str]] = []
         self.token = ""  # what the shared check wrote
         self.first_boot = "none"  # no rpi-resize.service: an image like bookworm's
+        self.oom_job = "job 7 exit 0\nJobState=OUT_OF_MEMORY\nnode idle"  # the containment job
+        self.daemons = "active\nactive\nactive"  # slurmd, munge, ssh on its node afterwards
         nodes = [
             _node("head", "10.0.0.1", head=True),
             _node("node01", "10.0.0.11"),
@@ -109,6 +111,7 @@ class FakeCluster:
         answers = [
             (r"^hostname$", st.name),
             (r"^ip -4", f"eth0 {st.node.ip}/24"),
+            (r"^systemctl is-active slurmd munge ssh$", self.daemons),
             (r"^systemctl is-active", "active"),
             (r"^systemctl list-units", ""),
             (
@@ -129,6 +132,7 @@ class FakeCluster:
             (r"-token && ", ""),
             (r"cat \S+-token", self.token),
             (r"mpi\.py", ranks),
+            (r"sbatch --parsable --wait", self.oom_job),
             (r"^ssh-keyscan", f"ssh-ed25519 KEY-{st.name}"),
             (
                 r"ssh-keygen -F",
@@ -160,7 +164,7 @@ def test_every_check_runs_in_report_order_when_all_is_well(tmp_path):
         [f"{c} {n}" for n in ("head", "node01", "node02") for c in per_node]
         + [f"{c} {n}" for n in ("head", "node01", "node02") for c in first_boot]
         + ["clock head", "clock node01", "clock node02", "munge node01", "munge node02"]
-        + ["sinfo head", "srun head", "shared node01", "shared node02", "mpi head"]
+        + ["sinfo head", "srun head", "shared node01", "shared node02", "mpi head", "oom head"]
         + ["hostkey head", "hostkey node01", "hostkey node02", "ssh node01", "ssh node02"]
         + ["mpirun head"]
     )
@@ -177,8 +181,15 @@ def test_no_idle_node_reports_both_jobs_not_run_where_srun_stands(tmp_path):
     results = run_checks(fake.context())
     names = _names(results)
     i = names.index("sinfo head")
-    assert names[i:] == ["sinfo head", "srun head", "mpi head", "shared node01", "shared node02"]
-    for c in results[i + 1 : i + 3]:
+    assert names[i:] == [
+        "sinfo head",
+        "srun head",
+        "mpi head",
+        "oom head",
+        "shared node01",
+        "shared node02",
+    ]
+    for c in results[i + 1 : i + 4]:
         assert not c.ok and c.summary == "not run: node01 is down*; node02 is drain"
     # hostkey, ssh and mpirun need an idle compute node: skipped without a word
     assert fake.calls[-1][1].startswith("rm -f ") and "hostfile" not in fake.calls[-1][1]
@@ -286,6 +297,7 @@ def test_registry_names_the_checks_of_the_report_in_order():
         "srun",
         "shared",
         "mpi",
+        "oom",
         "hostkey",
         "ssh",
         "mpirun",
@@ -303,3 +315,17 @@ def test_first_boot_is_checked_where_the_image_has_first_boot_units(tmp_path):
     bad = [c for c in run_checks(fake.context()) if c.name == "firstboot"]
     assert bad and not any(c.ok for c in bad)
     assert "was not a first boot" in bad[0].summary and "uninitialized" in bad[0].summary
+
+
+def test_containment_that_does_not_hold_is_named(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    fake.oom_job = "job 7 exit 0\nJobState=COMPLETED\nnode idle"  # the job was not limited
+    fake.daemons = "inactive\nactive\nactive"
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    oom = results["oom", "head"]
+    assert not oom.ok
+    assert oom.summary == (
+        "containment on node01: the job over its --mem=64M was not killed out of memory; "
+        "daemons down: slurmd inactive, munge active, ssh active"
+    )
+    assert "JobState=COMPLETED" in oom.output

@@ -32,6 +32,8 @@ OUTPUT_TAIL = 4000  # characters of a check's output kept in the report
 MUNGE_TTL_S = 300  # munge's default credential lifetime (MUNGE_DEFAULT_TTL)
 CLOCK_SLACK_S = 120  # the head's clock may lag its image's build time by this much
 MPI_RANKS_PER_NODE = 2  # the srun job: more ranks than nodes, so singletons cannot pass
+OOM_JOB_MB = 64  # the containment job asks for this much memory …
+OOM_USE_MB = 256  # … and uses this much
 
 MPI_PROGRAM = """\
 from mpi4py import MPI
@@ -630,7 +632,7 @@ def sinfo(ctx: Context) -> None:
 
 
 # with no compute node idle, neither job is run: both are reported "not run" here
-@cluster_check("srun", HEAD_BOOTED, IDLE, not_run={IDLE: ("srun", "mpi")})
+@cluster_check("srun", HEAD_BOOTED, IDLE, not_run={IDLE: ("srun", "mpi", "oom")})
 def srun(ctx: Context) -> None:
     """srun across every idle compute node."""
     jobs = ctx.facts[IDLE].nodes
@@ -717,6 +719,58 @@ def mpi(ctx: Context) -> None:
         else f"mpi4py job across {names} failed (exit {rc}, {ranks} of {size} ranks answered"
         " in a world of that size)",
         text,
+        t0,
+    )
+
+
+@cluster_check("oom", HEAD_BOOTED, IDLE)
+def oom(ctx: Context) -> None:
+    """Containment: a job that uses more memory than it asked for is killed by Slurm, out of
+    memory, while its node keeps slurmd, munged and sshd and is idle again for the next job."""
+    node = ctx.facts[IDLE].nodes[0]
+    st = ctx.target(node.hostname)
+    t0 = time.monotonic()
+    rc, text = ctx.call(
+        ctx.head,
+        ctx.as_user(
+            f"id=$(timeout 300 sbatch --parsable --wait -N1 -w {node.hostname} "
+            f"--mem={OOM_JOB_MB}M -o /dev/null "
+            f"--wrap 'python3 -c \"b = bytes(1) * ({OOM_USE_MB} << 20)\"'); rc=$?; "
+            'echo "job $id exit $rc"; scontrol show job "$id" | grep -o "JobState=[A-Z_]*"; '
+            f"for i in $(seq 60); do s=$(sinfo -h -n {node.hostname} -o %T); "
+            '[ "$s" = idle ] && break; sleep 2; done; echo "node $s"'
+        ),
+        timeout=480,
+    )
+    _, daemons = ctx.call(st, "systemctl is-active slurmd munge ssh")
+    states = dict(zip(("slurmd", "munge", "ssh"), daemons.split()))
+    killed = "JobState=OUT_OF_MEMORY" in text
+    idle = text.strip().splitlines()[-1:] == ["node idle"]
+    up = all(states.get(d) == "active" for d in ("slurmd", "munge", "ssh"))
+    ok = rc == 0 and killed and idle and up
+    ctx.add(
+        "oom",
+        ctx.head.name,
+        ok,
+        f"a job using {OOM_USE_MB} MiB with --mem={OOM_JOB_MB}M was killed out of memory on "
+        f"{node.hostname}; slurmd, munge, ssh stayed up and the node is idle"
+        if ok
+        else f"containment on {node.hostname}: "
+        + "; ".join(
+            w
+            for w, bad in (
+                (f"the job over its --mem={OOM_JOB_MB}M was not killed out of memory", not killed),
+                ("the node is not idle after it", not idle),
+                (
+                    "daemons down: "
+                    + ", ".join(f"{d} {states.get(d, '?')}" for d in ("slurmd", "munge", "ssh")),
+                    not up,
+                ),
+                (f"the job could not be run (exit {rc})", rc != 0),
+            )
+            if bad
+        ),
+        text + daemons,
         t0,
     )
 
@@ -840,6 +894,7 @@ CHECKS: tuple[Round | ClusterCheck, ...] = (
     srun,
     shared,
     mpi,
+    oom,
     hostkey,
     ssh,
     mpirun,
