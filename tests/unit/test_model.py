@@ -312,7 +312,8 @@ def test_render_matrix(matrix, kind):
     assert "SelectTypeParameters=CR_Core_Memory" in conf
     assert ("DefMemPerCPU=322" if jobs else "DefMemPerCPU=450") in conf  # (1800 - 512) // 4
     assert ("MemSpecLimit=512 State" in conf) is jobs  # only the head that runs jobs
-    assert "ConstrainRAMSpace=yes" in files["/etc/slurm/cgroup.conf"]
+    cgroup = files["/etc/slurm/cgroup.conf"]
+    assert "ConstrainRAMSpace=yes" in cgroup and "ConstrainSwapSpace=yes" in cgroup
     if "/etc/systemd/system/clusterfs.mount" in files:
         mount = files["/etc/systemd/system/clusterfs.mount"]
         assert "Options=_netdev,nofail,hard," in mount and "soft" not in mount.split("Options=")[1]
