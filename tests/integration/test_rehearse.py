@@ -232,7 +232,7 @@ def test_rehearsal_of_a_working_cluster(rehearsal):
     for node in ("node01", "node02"):
         for name in ("munge", "shared", "ssh"):
             assert checks[(name, node)]["ok"], checks[(name, node)]
-    for name in ("srun", "mpi", "mpirun"):
+    for name in ("srun", "mpi", "oom", "mpirun"):
         assert checks[(name, "head")]["ok"], checks[(name, "head")]
     # the root filesystem spans the 8 GB card, and the head's shared directory has that room
     assert re.match(
@@ -246,13 +246,14 @@ def test_rehearsal_of_a_working_cluster(rehearsal):
     assert re.search(r"^node01\s+idle$", checks[("sinfo", "head")]["output"], re.MULTILINE)
     assert re.search(r"^node02\s+idle$", checks[("sinfo", "head")]["output"], re.MULTILINE)
     assert {"node01", "node02"} <= set(checks[("srun", "head")]["output"].split())
-    for name in ("mpi", "mpirun"):
+    # a plain srun (MpiDefault=pmix): one world of 4 ranks, two per node; mpirun: one per node
+    for name, size in (("mpi", 4), ("mpirun", 2)):
         out = checks[(name, "head")]["output"]
-        ranks = re.findall(r"rank (\d) of 2 on (node0[12]): sum 3", out)
-        assert sorted(r for r, _ in ranks) == ["0", "1"] and {h for _, h in ranks} == {
-            "node01",
-            "node02",
-        }, out
+        ranks = re.findall(
+            rf"rank (\d) of {size} on (node0[12]): sum {size * (size + 1) // 2}", out
+        )
+        assert sorted(r for r, _ in ranks) == [str(i) for i in range(size)], out
+        assert sorted(h for _, h in ranks) == sorted(["node01", "node02"] * (size // 2)), out
     # the consoles and the report are kept; the flashable images are untouched
     logs = mixed / "rehearsal"
     for h in (*GOOD, "node03"):
