@@ -246,14 +246,15 @@ def test_rehearsal_of_a_working_cluster(rehearsal):
     assert re.search(r"^node01\s+idle$", checks[("sinfo", "head")]["output"], re.MULTILINE)
     assert re.search(r"^node02\s+idle$", checks[("sinfo", "head")]["output"], re.MULTILINE)
     assert {"node01", "node02"} <= set(checks[("srun", "head")]["output"].split())
-    # a plain srun (MpiDefault=pmix): one world of 4 ranks, two per node; mpirun: one per node
+    # a plain `srun -N2 -n4` (MpiDefault=pmix): one world of 4 ranks over both nodes (Slurm
+    # may place them 3 + 1, as it did on bookworm); mpirun: one rank per node
     for name, size in (("mpi", 4), ("mpirun", 2)):
         out = checks[(name, "head")]["output"]
         ranks = re.findall(
             rf"rank (\d) of {size} on (node0[12]): sum {size * (size + 1) // 2}", out
         )
         assert sorted(r for r, _ in ranks) == [str(i) for i in range(size)], out
-        assert sorted(h for _, h in ranks) == sorted(["node01", "node02"] * (size // 2)), out
+        assert {h for _, h in ranks} == {"node01", "node02"}, out
     # the consoles and the report are kept; the flashable images are untouched
     logs = mixed / "rehearsal"
     for h in (*GOOD, "node03"):

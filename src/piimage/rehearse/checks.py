@@ -695,8 +695,8 @@ def shared(ctx: Context) -> None:
 # skipped silently when no compute node is idle: the srun check reports it "not run"
 @cluster_check("mpi", HEAD_BOOTED, IDLE, SHARED_FILES)
 def mpi(ctx: Context) -> None:
-    """A plain `srun` (no --mpi: slurm.conf's MpiDefault) of an mpi4py job, two ranks on every
-    idle compute node: one world of them all, not singletons that each say "rank 0 of 1"."""
+    """A plain `srun -N<n> -n<2n>` (no --mpi: slurm.conf's MpiDefault) of an mpi4py job over the
+    n idle compute nodes: one world of them all, not singletons that each say "rank 0 of 1"."""
     jobs, fname = ctx.facts[IDLE].nodes, ctx.facts[SHARED_FILES]
     names = ",".join(n.hostname for n in jobs)
     size = MPI_RANKS_PER_NODE * len(jobs)
