@@ -85,6 +85,12 @@ def node_context(
     this["nm_uuid"] = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{node.hostname}.{cluster.name}.piimage"))
     this["disk_id"] = disk_id
     this.update(node.facts.as_dict())
+    # keeps the head's time (timesyncd pointed at it, munge after the first sync): not a time
+    # server itself, in a cluster that has a head other than this node
+    head = cluster.head
+    this["follows_head"] = (
+        head is not None and head.hostname != node.hostname and not node.facts.time_server
+    )
     ctx.update(
         node=this,
         role=node.role,
