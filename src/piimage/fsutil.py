@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,3 +56,40 @@ def write_atomic(final: Path, data: bytes | str, mode: int = 0o644) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class Cancelled(Exception):
+    """A wait for a lock given up because the work it waited for is being stopped."""
+
+
+@contextmanager
+def exclusive(
+    lock_file: Path,
+    *,
+    on_wait: Callable[[], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    poll: float = 0.5,
+) -> Iterator[None]:
+    """Hold an advisory lock (flock) on `lock_file` for the block, so that a second process
+    making the same thing waits for the first and then finds it made, instead of doing the
+    work twice. `on_wait` is called once if another holder makes us wait; `cancelled` is
+    polled while waiting (Cancelled is raised when it says so). The lock goes with the
+    process, so a killed holder never leaves it taken."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                if cancelled is not None and cancelled():
+                    raise Cancelled(f"gave up waiting for {lock_file}") from None
+                time.sleep(poll)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from . import disk, emulate, settings
 from .fetch import BaseImage
-from .fsutil import atomic_path, write_atomic
+from .fsutil import atomic_path, exclusive, write_atomic
 from .log import log
 from .profiles import Profile
 from .run import run, terminate_all
@@ -112,6 +113,7 @@ def ensure_layers(
             )
         return out
     workers = max(1, min(len(todo), os.cpu_count() or 1))
+    stopping = threading.Event()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
         futures = {
             pool.submit(
@@ -122,6 +124,7 @@ def ensure_layers(
                 apt_proxy=apt_proxy,
                 apt_mirrors=apt_mirrors,
                 private_apt=True,
+                stopping=stopping,
             ): k
             for k in todo
         }
@@ -129,7 +132,9 @@ def ensure_layers(
             for f in as_completed(futures):
                 out[futures[f]] = f.result()
         except BaseException:
-            # a failure or Ctrl-C: end every build's commands; each cleans up in its thread
+            # a failure or Ctrl-C: end every build's commands (and waits for another
+            # process's build of a layer); each cleans up in its thread
+            stopping.set()
             terminate_all()
             for f in futures:
                 f.cancel()
@@ -146,14 +151,41 @@ def ensure_layer(
     apt_proxy: str | None = None,
     apt_mirrors: dict[str, str] | None = None,
     private_apt: bool = False,
+    stopping: threading.Event | None = None,
 ) -> Path:
     """The cached layer for these inputs, building it if needed (whole or nothing). With
     `private_apt`, apt works in a copy (hard links) of the shared archive cache, so builds
-    side by side do not fight over its lock; new downloads are linked back afterwards."""
+    side by side do not fight over its lock; new downloads are linked back afterwards.
+    Another piimage building the same layer at the same time (two builds on one machine,
+    say) is waited for, and its layer used, rather than built twice."""
     final = layer_path(inputs)
     if final.exists():
         log.info("role layer %s: cached (%s)", inputs.role, final.name)
         return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(
+        final.with_name(f".{final.stem}.lock"),
+        on_wait=lambda: log.info(
+            "role layer %s: another piimage is building it; waiting for that build",
+            inputs.role,
+        ),
+        cancelled=stopping.is_set if stopping is not None else None,
+    ):
+        if final.exists():
+            log.info("role layer %s: built by the other piimage (%s)", inputs.role, final.name)
+            return final
+        return _build_locked(base, inputs, stages, final, apt_proxy, apt_mirrors, private_apt)
+
+
+def _build_locked(
+    base: BaseImage,
+    inputs: LayerInputs,
+    stages: list[Stage],
+    final: Path,
+    apt_proxy: str | None,
+    apt_mirrors: dict[str, str] | None,
+    private_apt: bool,
+) -> Path:
     t0 = time.monotonic()
     log.info(
         "role layer %s: building (packages: %s)", inputs.role, " ".join(inputs.packages) or "none"

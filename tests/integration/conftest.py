@@ -337,26 +337,62 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+def pytest_sessionfinish(session):
+    """On a pytest-xdist worker: hand this worker's phases to the controller, which prints
+    them (the workers' own terminal summaries are not shown)."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["piimage_phases"] = phases.export()
+
+
+class _LaneReports:
+    """Controller side of the lanes: collects each worker's phases as it ends."""
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node, error):
+        phases.merge(getattr(node, "workeroutput", {}).get("piimage_phases", ()), node.gateway.id)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_LaneReports(), "piimage-lane-reports")
+
+
+def _release(item) -> str | None:
+    """The release an integration test works on: its stand-in fixture, or a "suite" or
+    "rehearsal" parameter; None when it names none."""
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    for suite in SUITES:
+        if f"standin_{suite}" in names or suite in (params.get("suite"), params.get("rehearsal")):
+            return suite
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
-    """Order for a machine with nothing cached, so both cores have work from the start: the
-    unit tests; then the Docker tests (their images need no stand-in); then what needs only
-    the bookworm stand-in (~7 min to build, while trixie's takes ~18 on the other core: the
-    bookworm rehearsal runs in that time); the trixie tests last. The order within each group
-    is kept."""
+    """Order and lanes for a machine with nothing cached, so both cores have work from the
+    start. The order: the unit tests; then the Docker tests (their images need no stand-in);
+    then what needs only the bookworm stand-in (~10 min to build, while trixie's takes ~20
+    on the other core); the trixie tests last. The order within each group is kept.
+
+    The lanes (scripts/test runs pytest-xdist with two workers, `--dist loadgroup`): the
+    Docker and bookworm tests are one xdist group, the trixie tests another, so the two
+    releases run side by side, each in one worker that builds its role layers once and boots
+    its one virtual cluster; the unit tests go to whichever worker is free. Without xdist the
+    marks do nothing and the order above is the whole story. (tryfirst: xdist's worker reads
+    the marks in its own hook of the same name.)"""
 
     def rank(item) -> int:
         if "/tests/unit/" in str(item.path):
             return 0
-        names = set(getattr(item, "fixturenames", ()))
-        callspec = getattr(item, "callspec", None)
-        params = callspec.params if callspec is not None else {}
-        # a test's release: its stand-in fixture, or a "suite" or "rehearsal" parameter
-        trixie = "standin_trixie" in names or "trixie" in (
-            params.get("suite"),
-            params.get("rehearsal"),
-        )
-        if trixie:
+        if _release(item) == "trixie":
             return 3
-        return 1 if "docker" in names else 2
+        return 1 if "docker" in getattr(item, "fixturenames", ()) else 2
 
     items.sort(key=rank)
+    for item in items:
+        r = rank(item)
+        if r:
+            item.add_marker(pytest.mark.xdist_group("trixie" if r == 3 else "bookworm"))

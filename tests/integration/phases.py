@@ -42,6 +42,19 @@ def record_piimage(args: list[str], stderr: str, seconds: float) -> None:
         record(f"piimage {what}", seconds)
 
 
+def export() -> list[tuple[str, float]]:
+    """This process's phases and its wall time, for a pytest-xdist worker to hand over."""
+    with _lock:
+        rows = list(PHASES)
+    return [*rows, ("wall time of this worker", time.monotonic() - STARTED)]
+
+
+def merge(rows, worker: str) -> None:
+    """A worker's phases (from export()), each name marked with the worker."""
+    for name, secs in rows:
+        record(f"[{worker}] {name}", float(secs))
+
+
 def summary() -> list[str]:
     """Lines for the end of the run, longest first, with the session's wall time."""
     with _lock:

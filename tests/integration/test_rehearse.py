@@ -73,9 +73,9 @@ def _in_use_elsewhere(run_dir: Path, scope: Path) -> bool:
 # The test cluster plus node03, whose image is built in another folder: the same secrets but
 # another munge key, and a stage of that folder's own that gives node03 piimage's behaviour from
 # before the faithful first boot (issue 10's two high bugs): on trixie an empty machine-id (no
-# first boot to systemd, so rpi-resize.service and the other first-boot units never run; the
-# stand-in's root is grown all the same, by cloud-init's resizefs, which Debian's cloud.cfg runs
-# on every boot), on bookworm its SSH host key at the default path (which
+# first boot to systemd, so rpi-resize.service and the other first-boot units never run and the
+# root filesystem stays at the image's size in a grown partition), on bookworm its SSH host key
+# at the default path (which
 # Raspberry Pi OS's first boot replaces). All four boot together once per release, and every
 # check below reads that one run: a second boot for the broken cases would cost minutes.
 CLUSTER4_YAML = CLUSTER_YAML + "  - {{hostname: node03, role: compute, ip: 10.0.0.13}}\n"
@@ -99,7 +99,7 @@ files:
 OLD_SSHD = "PermitRootLogin no\nHostKey /etc/ssh/ssh_host_ed25519_key\n"
 # what node03 must fail, besides munge (and the head's sinfo, which names it as not idle)
 BUG_CHECKS = {
-    "trixie": {("firstboot", "node03")},
+    "trixie": {("firstboot", "node03"), ("root", "node03")},
     "bookworm": {("hostkey", "node03"), ("ssh", "node03")},
 }
 
@@ -157,8 +157,20 @@ def rehearsal(request, env, tmp_path_factory):
     os.link(bad / "node03.img", mixed / "node03.img")
     images = {h: mixed / f"{h}.img" for h in (*GOOD, "node03")}
     before = {h: _sha(p) for h, p in images.items()}
+    # --timeout: the wait for the cluster, raised from 1200 s because the other lane's
+    # rehearsal may be booting four VMs on the same two cores; a passing run ends when every
+    # node has settled, so this costs nothing unless a node never gets there
     proc = piimage(
-        ["rehearse", "-i", str(good_dir / "cluster.yaml"), "--out", str(mixed.parent), "--json"],
+        [
+            "rehearse",
+            "-i",
+            str(good_dir / "cluster.yaml"),
+            "--out",
+            str(mixed.parent),
+            "--json",
+            "--timeout",
+            "2400",
+        ],
         env,
         good_dir,
         check_rc=None,
@@ -295,6 +307,11 @@ def test_rehearsal_catches_the_old_first_boot_bug(rehearsal):
     if suite == "trixie":
         first = checks[("firstboot", "node03")]
         assert not first["ok"] and "was not a first boot" in first["summary"], first
+        # the initramfs grew the partition (the resize token), nothing grew the filesystem
+        root = checks[("root", "node03")]
+        assert (
+            not root["ok"] and "root filesystem was not grown to its partition" in root["summary"]
+        ), root
     else:
         key = checks[("hostkey", "node03")]
         assert (

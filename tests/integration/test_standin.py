@@ -459,6 +459,11 @@ def test_cloud_init_as_raspberry_pi_configures_it(rootfs, raw, table, suite):
     assert cfg["datasource"]["NoCloud"]["seedfrom"] == "file:///boot/firmware/"
     assert cfg["ssh_deletekeys"] is False and cfg["ssh_genkeytypes"] == []
     assert cfg["system_info"]["default_user"]["name"] == "pi"
+    # the raspberry-pi-os variant's module list: the root grows on a first boot only
+    base = yaml.safe_load(rootfs.cat("/etc/cloud/cloud.cfg"))
+    names = [m if isinstance(m, str) else m[0] for m in base["cloud_init_modules"]]
+    assert "write_files" in names or "write-files" in names, names
+    assert not {"growpart", "resizefs"} & set(names), names
     # The seed the datasource reads is on bootfs.
     p1 = table["partitions"][0]
     img = f"{raw}@@{p1['start'] * SECTOR}"

@@ -85,7 +85,8 @@ def test_missing_layers_are_built_side_by_side_and_cached_ones_kept(tmp_path, mo
     running, peak, calls = set(), [0], []
     lock = threading.Lock()
 
-    def fake(base, inputs, stages, *, apt_proxy=None, apt_mirrors=None, private_apt=False):
+    def fake(base, inputs, stages, *, apt_proxy=None, apt_mirrors=None, private_apt=False, **kw):
+        assert kw.keys() <= {"stopping"}
         with lock:
             running.add(inputs.role)
             peak[0] = max(peak[0], len(running))

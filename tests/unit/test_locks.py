@@ -1,0 +1,88 @@
+"""The advisory lock that keeps two piimage processes from building the same role layer twice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from piimage import layers
+from piimage.fsutil import Cancelled, exclusive
+
+
+def _holder(lock: Path, seconds: float) -> subprocess.Popen:
+    """Another process that takes the lock, says so on stdout, and keeps it for `seconds`."""
+    code = textwrap.dedent(
+        f"""
+        import fcntl, sys, time
+        f = open({str(lock)!r}, "a")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep({seconds})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_exclusive_waits_for_another_process(tmp_path):
+    lock = tmp_path / "x.lock"
+    proc = _holder(lock, 1.0)
+    waits = []
+    t0 = time.monotonic()
+    with exclusive(lock, on_wait=lambda: waits.append(1), poll=0.05):
+        waited = time.monotonic() - t0
+    proc.wait()
+    assert waits == [1] and waited >= 0.5
+
+
+def test_exclusive_does_not_wait_when_free(tmp_path):
+    waits = []
+    with exclusive(tmp_path / "sub" / "x.lock", on_wait=lambda: waits.append(1)):
+        pass
+    assert waits == []
+    # and it is free again afterwards, for this process and others
+    with exclusive(tmp_path / "sub" / "x.lock", on_wait=lambda: waits.append(1)):
+        pass
+    assert waits == []
+
+
+def test_exclusive_gives_up_when_cancelled(tmp_path):
+    lock = tmp_path / "x.lock"
+    proc = _holder(lock, 30)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    try:
+        with pytest.raises(Cancelled), exclusive(lock, cancelled=stop.is_set, poll=0.05):
+            pytest.fail("the lock was taken while another process held it")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_layer_built_meanwhile_by_another_process_is_used(tmp_path, monkeypatch):
+    """The second piimage waits on the lock and then takes the first one's layer."""
+    monkeypatch.setattr(layers, "layer_dir", lambda: tmp_path)
+    inputs = layers.LayerInputs("compute", "0" * 64, ("slurmd",), 512, ())
+    final = layers.layer_path(inputs)
+    lock = final.with_name(f".{final.stem}.lock")
+    proc = _holder(lock, 1.0)
+
+    def built_by_the_other():
+        time.sleep(0.3)
+        final.write_bytes(b"layer")
+
+    threading.Thread(target=built_by_the_other).start()
+
+    def must_not_build(*a, **k):
+        raise AssertionError("built a layer the other process was building")
+
+    monkeypatch.setattr(layers, "_build_locked", must_not_build)
+    assert layers.ensure_layer(None, inputs, []) == final
+    proc.wait()
