@@ -243,3 +243,16 @@ def test_inputs_are_checked_before_anything_starts(tmp_path):
     with pytest.raises(UserError, match=r"no built image for node01 in .*/lab/") as e:
         Rehearsal(_Cluster(), (head, n1), tmp_path, 60).check_inputs()
     assert "piimage build --all" in e.value.hint
+
+
+def test_tcg_threading_is_multi_unless_asked(monkeypatch):
+    from piimage.errors import UserError
+    from piimage.rehearse import vm
+
+    monkeypatch.delenv("PIIMAGE_REHEARSE_TCG_THREAD", raising=False)
+    assert vm.tcg_threading() == "multi"
+    monkeypatch.setenv("PIIMAGE_REHEARSE_TCG_THREAD", "single")
+    assert vm.tcg_threading() == "single"
+    monkeypatch.setenv("PIIMAGE_REHEARSE_TCG_THREAD", "many")
+    with pytest.raises(UserError, match="PIIMAGE_REHEARSE_TCG_THREAD='many'"):
+        vm.tcg_threading()

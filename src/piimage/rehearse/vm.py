@@ -5,6 +5,7 @@ The Raspberry Pi parts of a power-on come from piboot.py."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import piboot
+from ..errors import UserError
 from ..guestkernel import GuestKernel
 from ..inventory import Node
 from ..log import log
@@ -74,6 +76,16 @@ def memory_mb(nodes: tuple[Node, ...]) -> dict[str, int]:
     return want
 
 
+def tcg_threading() -> str:
+    """QEMU's TCG threading for the rehearsal's VMs: `multi` (a host thread per vCPU, QEMU's
+    default) unless $PIIMAGE_REHEARSE_TCG_THREAD says `single` (one host thread per VM, its
+    vCPUs taking turns). The VMs have the board's CPU count either way."""
+    mode = os.environ.get("PIIMAGE_REHEARSE_TCG_THREAD", "multi")
+    if mode not in ("multi", "single"):
+        raise UserError(f"PIIMAGE_REHEARSE_TCG_THREAD={mode!r}: must be 'multi' or 'single'")
+    return mode
+
+
 def qemu_command(st: NodeState, kernel: GuestKernel, hub_port: int, cmdline: str) -> list[str]:
     """One power-on of a node. The Raspberry Pi parts (command line, memory, clock, card
     size) come from piboot.py; QEMU exits when the guest reboots (-no-reboot), and the
@@ -92,7 +104,7 @@ def qemu_command(st: NodeState, kernel: GuestKernel, hub_port: int, cmdline: str
         "-m",
         str(st.memory_mb),
         "-accel",
-        "tcg,thread=multi",
+        f"tcg,thread={tcg_threading()}",
         *piboot.RTC_ARGS,
         "-nodefaults",
         "-display",
