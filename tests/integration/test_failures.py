@@ -4,6 +4,7 @@ nothing left behind — no partial image, no mount, no loop device, no appliance
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,13 @@ def run_piimage(args, env, cwd, timeout=3600):
     )
 
 
+def _others(name: str) -> bool:
+    """A temporary layer name (`.<layer>.partial-<pid>`) of a piimage that is still running:
+    another lane's build, not what the test under way interrupted."""
+    m = re.search(r"\.partial-(\d+)", name)
+    return bool(m) and Path(f"/proc/{m.group(1)}").exists()
+
+
 def leftovers(tmp_path: Path) -> list[str]:
     """Everything a failed or interrupted run must not leave behind."""
     found = []
@@ -74,16 +82,28 @@ def leftovers(tmp_path: Path) -> list[str]:
     if work.exists():
         found += [f"workspace {p}" for p in work.iterdir()]
     found += [f"tmp {p}" for p in (tmp_path / "tmp").iterdir()]
-    for layers in (PERSISTENT_CACHE / "layers",):
-        if layers.exists():
-            found += [f"partial layer {p}" for p in layers.iterdir() if p.name.startswith(".")]
+    # The layer cache is shared with the other test lane and any other piimage on the machine:
+    # a partial layer counts when the process its name ends with is gone (the build under
+    # test); the per-layer lock files are meant to stay.
+    layers = PERSISTENT_CACHE / "layers"
+    if layers.exists():
+        found += [
+            f"partial layer {p}"
+            for p in layers.iterdir()
+            if p.name.startswith(".") and not p.name.endswith(".lock") and not _others(p.name)
+        ]
+    # this test's chroot mounts are under its TMPDIR
     mounts = Path("/proc/mounts").read_text()
-    found += [f"mount {ln.split()[1]}" for ln in mounts.splitlines() if "piimage-root-" in ln]
+    found += [
+        f"mount {ln.split()[1]}"
+        for ln in mounts.splitlines()
+        if "piimage-root-" in ln and str(tmp_path) in ln
+    ]
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     found += [
         f"loop {ln}"
         for ln in loops.splitlines()
-        if str(PERSISTENT_CACHE / "layers") in ln or str(tmp_path) in ln
+        if (str(layers) in ln and not _others(ln)) or str(tmp_path) in ln
     ]
     for pid in os.listdir("/proc"):
         if pid.isdigit():

@@ -52,9 +52,20 @@ def leftovers(scope: Path) -> list[str]:
     found += [
         f"run dir {p}"
         for p in Path("/var/tmp").glob("piimage-rehearse-*")
-        if str(p) not in _RUN_DIRS_BEFORE and not _in_use_elsewhere(p, scope)
+        if str(p) not in _RUN_DIRS_BEFORE and _ours(p, scope)
     ]
     return found
+
+
+def _ours(run_dir: Path, scope: Path) -> bool:
+    """A run directory of a rehearsal of images under `scope`: its `images` file says which
+    images it boots (the other test lane's rehearsal names its own). Without the file (just
+    made, or being removed), by whether QEMU of another rehearsal uses it."""
+    try:
+        images = (run_dir / "images").read_text().strip()
+    except OSError:
+        return run_dir.exists() and not _in_use_elsewhere(run_dir, scope)
+    return Path(images).is_relative_to(scope.absolute())
 
 
 def _in_use_elsewhere(run_dir: Path, scope: Path) -> bool:

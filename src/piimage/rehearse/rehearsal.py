@@ -151,6 +151,8 @@ def rehearse(
     r = Rehearsal(cluster, nodes, out_dir, timeout)
     r.check_inputs()
     run_dir = Path(tempfile.mkdtemp(prefix="piimage-rehearse-", dir="/var/tmp"))
+    # whose this is, for anyone who finds it (it is removed when the rehearsal ends)
+    (run_dir / "images").write_text(f"{r.images}\n")
     report = Report(cluster.name, [n.hostname for n in nodes], "", logs=str(r.logs))
     try:
         r.prepare(run_dir)
