@@ -255,8 +255,18 @@ def test_rehearsal_of_a_working_cluster(rehearsal):
     for node in ("node01", "node02"):
         for name in ("munge", "shared", "ssh"):
             assert checks[(name, node)]["ok"], checks[(name, node)]
-    for name in ("srun", "mpi", "oom", "mpirun"):
+    for name in ("srun", "mpi", "oom", "examples", "history", "mpirun"):
         assert checks[(name, "head")]["ok"], checks[(name, "head")]
+    # the example jobs ran on both good compute nodes, one rank per core, and the completion
+    # log lists them and the out-of-memory job with their states
+    assert re.match(
+        r"sbatch pi\.sbatch: pi = 3\.14159265\d+ from 8 ranks on node01,node02; ",
+        checks[("examples", "head")]["summary"],
+    ), checks[("examples", "head")]
+    assert re.fullmatch(
+        r"/var/log/slurm/jobcomp\.log lists \d+ OUT_OF_MEMORY, \d+ COMPLETED, array \d+ COMPLETED",
+        checks[("history", "head")]["summary"],
+    ), checks[("history", "head")]
     # the root filesystem spans the 8 GB card, and the head's shared directory has that room
     assert re.match(
         r"root filesystem [67]\.\d GiB on a 8\.0 GiB card", checks[("root", "node01")]["summary"]

@@ -186,6 +186,11 @@ COMMON = {
         "/etc/ssh/ssh_config.d/50-piimage-cluster.conf",
     },
     "75-poe": set(),  # no file: lines appended to config.txt (checked below)
+    "80-examples": set(),  # on the head only
+}
+EXAMPLES = {
+    f"/clusterfs/examples/{n}"
+    for n in ("README.md", "pi_mpi.py", "pi.sbatch", "sweep.py", "sweep.sbatch")
 }
 HEAD = {
     "60-timesync": {
@@ -200,6 +205,7 @@ HEAD = {
         "/etc/openmpi/openmpi-default-hostfile",
         "/etc/openmpi/prte-default-hostfile",
     },
+    "80-examples": EXAMPLES,
 }
 CLIENT = {
     "60-timesync": {
@@ -283,10 +289,19 @@ def test_render_matrix(matrix, kind):
     for link in pn.stamp.links:
         by_stage[link.stage].add("->" + link.path)
     assert by_stage == expected
+    examples = {"/clusterfs/examples": 0o755, "/clusterfs/examples/results": 0o755}
     assert {d.path: d.mode for d in pn.stamp.dirs} == {
         "/etc/ssh/piimage": 0o755,
         "/etc/munge": 0o700,
         "/clusterfs": share_mode,
+        **(examples if host == "head" else {}),
+    }
+    # the example jobs are the cluster user's, to run and change
+    assert {(d.owner, d.group) for d in pn.stamp.dirs if d.path in examples} <= {
+        ("mpiuser", "mpiuser")
+    }
+    assert {(f.owner, f.group, f.mode) for f in pn.stamp.files if f.path in EXAMPLES} <= {
+        ("mpiuser", "mpiuser", 0o644)
     }
     assert [u.name for u in pn.stamp.users] == ["mpiuser"]
     assert [(a.path, a.lines[0]) for a in pn.stamp.append] == [
@@ -305,6 +320,15 @@ def test_render_matrix(matrix, kind):
         assert ("head slots=4" in hostfile) is jobs and "node01 slots=4" in hostfile
         assert files["/etc/openmpi/prte-default-hostfile"] == hostfile  # Open MPI 5's name
     assert "MpiDefault=pmix" in conf  # plain srun: one MPI world, not singletons
+    # job history: a completion log on the head
+    assert "JobCompType=jobcomp/filetxt\nJobCompLoc=/var/log/slurm/jobcomp.log\n" in conf
+    if host == "head":
+        pi = files["/clusterfs/examples/pi.sbatch"]
+        # every job node, one rank per core (the head too when it runs jobs)
+        assert f"#SBATCH --nodes={3 if jobs else 2}\n#SBATCH --ntasks-per-node=4\n" in pi
+        assert pi.rstrip().endswith("srun python3 pi_mpi.py")
+        sweep = files["/clusterfs/examples/sweep.sbatch"]
+        assert "#SBATCH --array=0-7\n" in sweep and "--output=results/" in sweep
     # containment: cgroup tracking and limits; memory consumable, a default that fits every node
     assert (
         "ProctrackType=proctrack/cgroup" in conf and "TaskPlugin=task/cgroup,task/affinity" in conf

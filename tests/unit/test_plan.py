@@ -116,3 +116,23 @@ def test_private_apt_archive_links_in_and_back(tmp_path):
         assert (private / "a.deb").stat().st_ino == (shared / "a.deb").stat().st_ino
         (private / "b.deb").write_bytes(b"b")  # what apt downloaded
     assert (shared / "b.deb").read_bytes() == b"b" and not private.exists()
+
+
+def test_a_usb_drive_as_the_shared_directory_gets_no_files_under_it(tmp_path):
+    """The drive is mounted over the directory at boot: what the image holds there would be
+    hidden, so neither the hostfile nor the example jobs are written there."""
+    (tmp_path / "cluster.yaml").write_text(
+        YAML % "false"
+        + "shared: {path: /srv/shared, device_uuid: 0b3c5a2e-41cf-4bd2-9a1c-1d2e3f405162}\n"
+    )
+    cluster = inv.load(tmp_path / "cluster.yaml")
+    bp = build.plan(cluster, cluster.nodes, keys=build.cluster_keys(cluster), out_dir=tmp_path)
+    head = files(bp, "head")
+    assert "/etc/systemd/system/srv-shared.mount" in head
+    assert not [p for p in head if p.startswith("/srv/shared/")]
+    pn = next(p for p in bp.nodes if p.hostname == "head")
+    assert [d.path for d in pn.stamp.dirs if d.path.startswith("/srv/shared")] == ["/srv/shared"]
+    # without a drive, the head's card holds them
+    (tmp_path / "plain").mkdir()
+    plain = files(plan_for(tmp_path / "plain", False), "head")
+    assert {"/clusterfs/hostfile", "/clusterfs/examples/pi.sbatch"} <= set(plain)

@@ -65,6 +65,31 @@ class FakeCluster:
         self.first_boot = "none"  # no rpi-resize.service: an image like bookworm's
         self.oom_job = "job 7 exit 0\nJobState=OUT_OF_MEMORY\nnode idle"  # the containment job
         self.daemons = "active\nactive\nactive"  # slurmd, munge, ssh on its node afterwards
+        self.digest = "d1"  # of the example jobs' results, on the head
+        self.seen_digest = {"node01": "d1", "node02": "d1"}  # … and as a compute node reads them
+        self.examples = (
+            "pi job 8 exit 0\n"
+            "pi = 3.141592653590 from 8 ranks on 2 nodes (node01 node02)\n"
+            "2000000 intervals in 3.10 s; error 3.1e-13\nresult: OK\nsweep job 9 exit 0\n"
+            + "".join(
+                f"r={2.5 + 0.2 * i:.3f} lyapunov=-0.10000 settles"
+                + (" check=OK (expected -0.10000)\n" if i < 3 else "\n")
+                for i in range(8)
+            )
+            + "files pi-8.out results/r-2.500.txt results/r-2.700.txt\n"
+            + "digest d1 -\n"
+        )
+        self.jobcomp = (
+            "JobId=7 UserId=mpi(1500) GroupId=mpi(1500) Name=wrap JobState=OUT_OF_MEMORY "
+            "Partition=cluster TimeLimit=UNLIMITED EligibleTime=x DerivedExitCode=0:0\n"
+            "JobId=8 UserId=mpi(1500) GroupId=mpi(1500) Name=pi-mpi JobState=COMPLETED "
+            "Partition=cluster EligibleTime=x DerivedExitCode=0:0\n"
+            + "".join(
+                f"JobId={9 + i} UserId=mpi(1500) GroupId=mpi(1500) Name=sweep JobState=COMPLETED "
+                f"Partition=cluster EligibleTime=x ArrayJobId=9 ArrayTaskId={i} ExitCode=0:0\n"
+                for i in range(8)
+            )
+        )
         nodes = [
             _node("head", "10.0.0.1", head=True),
             _node("node01", "10.0.0.11"),
@@ -132,6 +157,9 @@ class FakeCluster:
             (r"-token && ", ""),
             (r"cat \S+-token", self.token),
             (r"mpi\.py", ranks),
+            (r"pi\.sbatch", self.examples),
+            (r"\| sha256sum'?$", f"{self.seen_digest.get(st.name, '')}  -"),
+            (r"^cd \S+ 2>/dev/null .*cat /var/log/slurm/jobcomp\.log", self.jobcomp),
             (r"sbatch --parsable --wait", self.oom_job),
             (r"^ssh-keyscan", f"ssh-ed25519 KEY-{st.name}"),
             (
@@ -165,6 +193,7 @@ def test_every_check_runs_in_report_order_when_all_is_well(tmp_path):
         + [f"{c} {n}" for n in ("head", "node01", "node02") for c in first_boot]
         + ["clock head", "clock node01", "clock node02", "munge node01", "munge node02"]
         + ["sinfo head", "srun head", "shared node01", "shared node02", "mpi head", "oom head"]
+        + ["examples head", "history head"]
         + ["hostkey head", "hostkey node01", "hostkey node02", "ssh node01", "ssh node02"]
         + ["mpirun head"]
     )
@@ -298,6 +327,8 @@ def test_registry_names_the_checks_of_the_report_in_order():
         "shared",
         "mpi",
         "oom",
+        "examples",
+        "history",
         "hostkey",
         "ssh",
         "mpirun",
@@ -329,3 +360,52 @@ def test_containment_that_does_not_hold_is_named(tmp_path):
         "daemons down: slurmd inactive, munge active, ssh active"
     )
     assert "JobState=COMPLETED" in oom.output
+
+
+def test_example_jobs_and_their_history_are_checked(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    ex = results["examples", "head"]
+    assert ex.ok and ex.summary == (
+        "sbatch pi.sbatch: pi = 3.141592653590 from 8 ranks on node01,node02; sbatch "
+        "sweep.sbatch: 8 array tasks, 3 checked against the exact answer; the same results on "
+        "node01,node02"
+    )
+    # submitted by the cluster user, from the examples folder, on the idle nodes
+    script = next(s for h, s in fake.calls if "pi.sbatch" in s)
+    assert "runuser -u mpi" in script and "cd /srv/shared/examples" in script
+    assert "-N2 -w node01,node02 pi.sbatch" in script
+    # each node reads the files the head listed, by name
+    reads = [s for h, s in fake.calls if h != "head" and "sha256sum" in s]
+    assert len(reads) == 2 and all("cat pi-8.out results/r-2.500.txt results/" in s for s in reads)
+    hist = results["history", "head"]
+    assert hist.ok and hist.summary == (
+        "/var/log/slurm/jobcomp.log lists 7 OUT_OF_MEMORY, 8 COMPLETED, array 9 COMPLETED"
+    )
+
+
+def test_example_jobs_that_go_wrong_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # the history check's wait for the log
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    fake.examples = fake.examples.replace(
+        "check=OK (expected -0.10000)\nr=2.900", "check=WRONG\nr=2.900"
+    )
+    fake.seen_digest["node02"] = "stale"
+    fake.jobcomp = fake.jobcomp.replace("JobState=OUT_OF_MEMORY", "JobState=COMPLETED")
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    ex = results["examples", "head"]
+    assert not ex.ok and ex.summary == (
+        "example jobs in /srv/shared/examples: sweep.sbatch did not give 8 results, 3 checked; "
+        "the compute nodes do not see the head's results: node02"
+    )
+    hist = results["history", "head"]
+    assert not hist.ok
+    assert hist.summary == "/var/log/slurm/jobcomp.log lacks 7 OUT_OF_MEMORY"
+
+
+def test_examples_are_not_run_when_a_drive_is_the_shared_directory(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    fake.cluster.shared.device_uuid = "0b6c2a4e-1f2d-4c3b-9a8e-7d6f5e4c3b2a"
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    assert ("examples", "head") not in results
+    assert results["history", "head"].summary == "/var/log/slurm/jobcomp.log lists 7 OUT_OF_MEMORY"

@@ -50,6 +50,11 @@ BOOT_PASSED = "boot passed"  # the boot check passed: booted, and not in emergen
 HEAD_BOOTED = "head booted"  # the head is BOOTED
 IDLE = "compute nodes idle"  # an Idle: sinfo shows at least one compute node idle
 SHARED_FILES = "files in the shared directory"  # the head wrote them: their path, less suffix
+JOBS = "jobs run"  # the batch jobs the checks ran: job id -> the JobState each must end in
+JOBCOMP_LOG = "/var/log/slurm/jobcomp.log"  # slurm.conf JobCompLoc (stages/55-slurm)
+EXAMPLES_DIR = "examples"  # stages/80-examples, in the shared directory
+SWEEP_TASKS = 8  # sweep.sbatch's --array=0-7
+SWEEP_CHECKED = 3  # the tasks below r = 3, which check themselves against ln|2 - r|
 
 
 class Unreachable(Exception):
@@ -745,6 +750,8 @@ def oom(ctx: Context) -> None:
     _, daemons = ctx.call(st, "systemctl is-active slurmd munge ssh")
     states = dict(zip(("slurmd", "munge", "ssh"), daemons.split()))
     killed = "JobState=OUT_OF_MEMORY" in text
+    if m := re.search(r"^job (\d+) exit", text, re.MULTILINE):
+        ctx.facts.setdefault(JOBS, {})[m.group(1)] = "OUT_OF_MEMORY"
     idle = text.strip().splitlines()[-1:] == ["node idle"]
     up = all(states.get(d) == "active" for d in ("slurmd", "munge", "ssh"))
     ok = rc == 0 and killed and idle and up
@@ -773,6 +780,146 @@ def oom(ctx: Context) -> None:
         text + daemons,
         t0,
     )
+
+
+@cluster_check("examples", HEAD_BOOTED, IDLE)
+def examples(ctx: Context) -> None:
+    """The example jobs in the shared directory, run as their README says: the cluster user
+    submits pi.sbatch (one MPI world over the idle compute nodes, one rank per core, which
+    checks its own answer) and sweep.sbatch (a job array of SWEEP_TASKS tasks) with sbatch,
+    and every compute node sees the same results. Not run when a USB drive is the shared
+    directory: the examples are in the image only when the head's own card holds it."""
+    if ctx.cluster.shared.device_uuid:
+        return
+    jobs = ctx.facts[IDLE].nodes
+    names = ",".join(n.hostname for n in jobs)
+    where = f"{ctx.cluster.shared.path}/{EXAMPLES_DIR}"
+    t0 = time.monotonic()
+    rc, text = ctx.call(
+        ctx.head,
+        ctx.as_user(
+            f"cd {shlex.quote(where)} || exit 3; "
+            f"pi=$(timeout 900 sbatch --parsable --wait -N{len(jobs)} -w {names} pi.sbatch); "
+            'r1=$?; echo "pi job $pi exit $r1"; cat "pi-$pi.out"; '
+            "sw=$(timeout 900 sbatch --parsable --wait sweep.sbatch); "
+            'r2=$?; echo "sweep job $sw exit $r2"; cat results/r-*.txt; '
+            'files="pi-$pi.out $(echo results/r-*.txt)"; echo "files $files"; '
+            'echo "digest $(cat $files | sha256sum)"; [ "$r1" = 0 ] && [ "$r2" = 0 ]'
+        ),
+        timeout=1900,
+    )
+    pi_id = re.search(r"^pi job (\d+) exit", text, re.MULTILINE)
+    sweep_id = re.search(r"^sweep job (\d+) exit", text, re.MULTILINE)
+    world = re.search(r"^pi = (3\.\d+) from (\d+) ranks on \d+ nodes \(([^)]*)\)$", text, re.M)
+    ranks = sum(n.hardware.cpus for n in jobs)  # --ntasks-per-node: one per core
+    pi_ok = bool(
+        world
+        and int(world.group(2)) == ranks
+        and sorted(world.group(3).split()) == sorted(n.hostname for n in jobs)
+        and re.search(r"^result: OK$", text, re.MULTILINE)
+    )
+    points = re.findall(r"^r=(\d\.\d+) lyapunov=([-+]\d\.\d+) .*$", text, re.MULTILINE)
+    sweep_ok = (
+        len(points) == SWEEP_TASKS
+        and text.count("check=OK") == SWEEP_CHECKED
+        and "check=WRONG" not in text
+    )
+    listed = re.search(r"^files (.+)$", text, re.MULTILINE)
+    digest = re.search(r"^digest (\w+)", text, re.MULTILINE)
+    if pi_id:
+        ctx.facts.setdefault(JOBS, {})[pi_id.group(1)] = "COMPLETED"
+    if sweep_id:
+        ctx.facts.setdefault(JOBS, {})[f"array {sweep_id.group(1)}"] = "COMPLETED"
+    # each compute node reads the files the head listed, by name (a listing of the folder
+    # could come from the node's NFS attribute cache, up to a minute old: nfs(5) acdirmax)
+    seen = {}
+    for n in jobs:
+        if listed and digest:
+            cmd = f"cd {shlex.quote(where)} && cat {listed.group(1)} | sha256sum"
+            _, out = ctx.call(ctx.target(n.hostname), ctx.as_user(cmd))
+            seen[n.hostname] = out.split()[0] if out.split() else ""
+    same = (
+        bool(digest) and all(d == digest.group(1) for d in seen.values()) and len(seen) == len(jobs)
+    )
+    ok = rc == 0 and pi_ok and sweep_ok and same
+    ctx.add(
+        "examples",
+        ctx.head.name,
+        ok,
+        f"sbatch pi.sbatch: pi = {world.group(1)} from {ranks} ranks on {names}; sbatch "
+        f"sweep.sbatch: {SWEEP_TASKS} array tasks, {SWEEP_CHECKED} checked against the exact "
+        f"answer; the same results on {names}{ctx.facts[IDLE].left_out}"
+        if ok and world
+        else f"example jobs in {where}: "
+        + "; ".join(
+            w
+            for w, bad in (
+                (
+                    f"pi.sbatch did not give one checked answer from {ranks} ranks on {names}",
+                    not pi_ok,
+                ),
+                (
+                    f"sweep.sbatch did not give {SWEEP_TASKS} results, {SWEEP_CHECKED} checked",
+                    not sweep_ok,
+                ),
+                (
+                    "the compute nodes do not see the head's results: "
+                    + ", ".join(h for h, d in seen.items() if not digest or d != digest.group(1)),
+                    not same,
+                ),
+                (f"exit {rc}", rc != 0),
+            )
+            if bad
+        ),
+        text,
+        t0,
+    )
+
+
+@cluster_check("history", HEAD_BOOTED, IDLE, JOBS)
+def history(ctx: Context) -> None:
+    """The job completion log on the head lists the batch jobs the checks ran, each with the
+    state it ended in, and the cluster user can read it."""
+    want: dict[str, str] = ctx.facts[JOBS]
+    t0 = time.monotonic()
+    missing: list[str] = []
+    text = ""
+    for _ in range(10):  # slurmctld writes a job's line as the job completes
+        rc, text = ctx.call(ctx.head, ctx.as_user(f"cat {JOBCOMP_LOG}"))
+        missing = [f"{job} {state}" for job, state in want.items() if not _logged(text, job, state)]
+        if rc == 0 and not missing:
+            break
+        time.sleep(3)
+    ok = rc == 0 and not missing
+    listed = ", ".join(f"{job} {state}" for job, state in want.items())
+    ctx.add(
+        "history",
+        ctx.head.name,
+        ok,
+        f"{JOBCOMP_LOG} lists {listed}"
+        if ok
+        else f"{JOBCOMP_LOG} "
+        + (
+            f"unreadable by {ctx.cluster.cluster_user.name} (exit {rc})"
+            if rc
+            else "lacks " + ", ".join(missing)
+        ),
+        text,
+        t0,
+    )
+
+
+def _logged(log_text: str, job: str, state: str) -> bool:
+    """Whether jobcomp/filetxt's log has `job` ("123", or "array 124" for every task of an
+    array job) ending in `state`."""
+    if job.startswith("array "):
+        tasks = re.findall(
+            rf"^JobId=\d+ .*JobState=(\S+) .*ArrayJobId={job.split()[1]} ArrayTaskId=\d+",
+            log_text,
+            re.MULTILINE,
+        )
+        return len(tasks) == SWEEP_TASKS and all(t == state for t in tasks)
+    return bool(re.search(rf"^JobId={job} .*JobState={state} ", log_text, re.MULTILINE))
 
 
 # hostkey, ssh and mpirun run, after the jobs, only when a job could run (with no compute node
@@ -895,6 +1042,8 @@ CHECKS: tuple[Round | ClusterCheck, ...] = (
     shared,
     mpi,
     oom,
+    examples,
+    history,
     hostkey,
     ssh,
     mpirun,
