@@ -137,7 +137,10 @@ stages: [extra]
     text = edit("  dns:", "  interface: end0\n  dns:", text)
     text = edit(f"    - {KEY}\n", f"    - {KEY}\n  password_hash: {SHA512}\n", text)
     text += "  - {hostname: big1, role: compute, ip: 10.0.0.12, hardware: {model: pi5-16gb}}\n"
+    text += "  - {hostname: low1, role: compute, ip: 10.0.0.13, hardware: {real_memory: 7000}}\n"
     c = load(tmp_path, text)
+    # a board that reports less than its model: the cluster's model with its own RealMemory
+    assert c.node("low1").hardware == inv.Hardware("pi5-8gb", 4, 7000, "rpi-poe-plus")
     assert c.base.startswith("https://") and c.base_sha256 == "ab" * 32
     assert c.timezone == "Europe/London" and c.network.interface == "end0"
     assert c.hardware == inv.Hardware("pi5-8gb", 4, 7600, "rpi-poe-plus")
@@ -265,6 +268,12 @@ SINGLE_PROBLEMS = [
      "cluster.yaml:12: nodes[1].hardware.modle: unknown key 'modle' (did you mean 'model'?)"),
     ("name: lab", "name: lab\nhardware: {model: pi4-4gb, fan: on}",
      "cluster.yaml:2: hardware.fan: unknown key 'fan'"),
+    ("ip: 10.0.0.11}", "ip: 10.0.0.11, hardware: {model: pi4-2gb, real_memory: 2048}}",
+     "cluster.yaml:12: nodes[1].hardware.real_memory: 2048 must be from 256 to 1800 MiB: the "
+     "pi4-2gb's RealMemory is at most that, and a node that reports less memory than "
+     "slurm.conf says is drained"),
+    ("ip: 10.0.0.11}", "ip: 10.0.0.11, hardware: {real_memory: lots}}",
+     "cluster.yaml:12: nodes[1].hardware.real_memory: expected a whole number, got text"),
     ("name: lab", "name: lab\nzzz: 1", "cluster.yaml:2: zzz: unknown key 'zzz' (known: admin, apt, base,"),
     # wrong types
     ("name: lab", "name: [lab]", "cluster.yaml:1: name: expected text, got a list"),

@@ -91,7 +91,9 @@ cluster_user:                         # runs MPI jobs; the same UID on every nod
 stages: []                            # stage directories of your own, e.g. [my-stages]
 
 # One head (SLURM controller, NFS server, time server) and compute nodes. A node may override
-# the model (hardware: {{model: pi5-8gb}}); a head that should also run jobs: runs_jobs: true.
+# the model (hardware: {{model: pi5-8gb}}) and, for a board that reports less memory than its
+# model, SLURM's RealMemory in MiB (hardware: {{model: pi4-4gb, real_memory: 3600}}); a head
+# that should also run jobs: runs_jobs: true.
 nodes:
 {nodes}"""
 

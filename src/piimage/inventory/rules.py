@@ -51,7 +51,8 @@ TOP_KEYS = {
 NETWORK_KEYS = {"subnet", "gateway", "dns", "interface"}
 ADMIN_KEYS = {"name", "ssh_authorized_keys", "password_hash"}
 HARDWARE_KEYS = {"model", "poe_hat"}
-NODE_HARDWARE_KEYS = {"model"}
+NODE_HARDWARE_KEYS = {"model", "real_memory"}
+MIN_REAL_MEMORY_MB = 256  # below this a Pi runs no job at all beside its own services
 APT_KEYS = {"mirror", "proxy", "security_mirror", "raspberrypi_mirror"}
 SHARED_KEYS = {"path", "device_uuid"}
 CLUSTER_USER_KEYS = {"name", "uid"}
@@ -256,6 +257,19 @@ def _hardware(d: dict, path: tuple, ck: _Checker, inherit: Hardware | None) -> H
         )
         poe = None
     cpus, memory = HARDWARE_MODELS[model]
+    if inherit is not None and d.get("real_memory") is not None:
+        # a node whose board reports less than its model's figure (slurmd drains a node that
+        # registers with less memory than slurm.conf's RealMemory)
+        real = ck.integer(d, "real_memory", path, memory)
+        if real is not None and not MIN_REAL_MEMORY_MB <= real <= memory:
+            ck.add(
+                path + ("real_memory",),
+                f"{real} must be from {MIN_REAL_MEMORY_MB} to {memory} MiB: the {model}'s "
+                "RealMemory is at most that, and a node that reports less memory than "
+                "slurm.conf says is drained",
+            )
+            real = None
+        memory = real or memory
     return Hardware(model, cpus, memory, poe)
 
 
