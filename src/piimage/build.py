@@ -17,13 +17,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import fetch, render, settings
+from . import fetch, lock, render, settings
 from .disk import overlay as cow_overlay
 from .errors import BuildError, UserError
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
 from .keys import KeyPair, cluster_ssh_key, munge_key, node_host_key
-from .layers import ensure_layers
+from .layers import ensure_layers, layer_info
 from .layers import inputs_for as layer_inputs
 from .log import lines_only, log
 from .output import (
@@ -76,6 +76,8 @@ class BuildPlan:
     keep_workspace: bool = False
     compress: str = "none"
     url_base: str | None = None
+    update_base: bool = False  # --update-base: resolve the base anew, not the locked one
+    base_from_inventory: bool = True  # False with --base: the lock is neither used nor written
 
     @property
     def profiles(self) -> dict[str, Profile]:
@@ -113,6 +115,7 @@ def plan(
     keep_workspace: bool = False,
     compress: str = "none",
     url_base: str | None = None,
+    update_base: bool = False,
 ) -> BuildPlan:
     """Everything that can be decided without touching an image: a typo costs milliseconds.
     Pure: reads the stages and nothing else, writes nothing, needs no host tool."""
@@ -164,6 +167,8 @@ def plan(
         keep_workspace,
         compress,
         url_base,
+        update_base,
+        base_from_inventory=not base,
     )
 
 
@@ -229,6 +234,7 @@ class Publisher:
             _unlink_all(files)
             raise
         log.info("wrote %s", final)
+        info = layer_info(job.layer)
         return files, {
             "role": p.role,
             "image": final.name,
@@ -239,6 +245,9 @@ class Publisher:
             "disk_id": node_disk_id(self.bp.cluster.name, p.hostname),
             "disk_id_after_first_boot": "random (set by Raspberry Pi OS on the card's first boot)",
             "role_layer": job.layer.name,
+            "release": info.get("release"),
+            # every installed package and its version, as the role layer holds them
+            "packages": info.get("installed") or {},
             "release_date": time.strftime("%Y-%m-%d"),
             "files": [
                 {
@@ -273,6 +282,16 @@ class Publisher:
         self._stack.close()
 
 
+def _node_record(job: _NodeJob) -> dict:
+    """A node as its layer makes it: role, Debian release, Slurm release (lock.py)."""
+    info = layer_info(job.layer)
+    return {
+        "role": job.planned.stamp.role,
+        "release": info.get("release"),
+        "slurm": lock.slurm_release(info.get("installed") or {}),
+    }
+
+
 def _unlink_all(files: list[Path]) -> None:
     """Remove published files and their .sha256 sidecars."""
     for f in files:
@@ -292,7 +311,12 @@ def _remove_stale_derivatives(image: Path) -> None:
 
 def execute(bp: BuildPlan) -> list[Path]:
     t0 = time.monotonic()
-    base = fetch.fetch_base(bp.base_spec)
+    lockfile = lock.lock_path(bp.cluster.source)
+    locked = lock.read(lockfile) if lockfile else None
+    spec = bp.base_spec
+    if bp.base_from_inventory:
+        spec = lock.locked_spec(locked, spec, update=bp.update_base)
+    base = fetch.fetch_base(spec)
     log.info("base image: %s (sha256 %s…)", base.name, base.sha256[:12])
     out = bp.out_dir / bp.cluster.name
     out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +345,16 @@ def execute(bp: BuildPlan) -> list[Path]:
             _NodeJob(pn, by_key[inputs[pn.hostname].key()], ws / f"{pn.hostname}.qcow2")
             for pn in bp.nodes
         ]
+        # what each node will hold (its layer's release and Slurm), checked against the nodes
+        # this build leaves as they are before any image is written
+        building = {job.planned.hostname: _node_record(job) for job in jobs}
+        head = bp.cluster.head
+        lock.check_mixed(
+            locked,
+            building,
+            head.hostname if head else None,
+            {n.hostname for n in bp.cluster.nodes},
+        )
         for job in jobs:
             cow_overlay(job.layer, job.overlay, what=f"qemu-img create for {job.planned.hostname}")
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)
@@ -355,6 +389,16 @@ def execute(bp: BuildPlan) -> list[Path]:
         )
         write_imager_repo(out, bp.cluster.name, manifest["nodes"], bp.url_base)
         write_sha256sums(out)
+        if lockfile and bp.base_from_inventory and lock.lockable(bp.base_spec):
+            lock.write(
+                lockfile,
+                locked,
+                bp.base_spec.value,
+                base,
+                building,
+                {n.hostname for n in bp.cluster.nodes},
+            )
+            log.info("locked the base and the nodes' releases in %s", lockfile)
     log.info(
         "built %d node image%s in %.0f s",
         len(bp.nodes),

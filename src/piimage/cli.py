@@ -128,6 +128,11 @@ def main() -> None:
     "--url-base",
     help="Base URL for the images in os_list.json (Raspberry Pi Imager repository); default: file:// of the output folder.",
 )
+@click.option(
+    "--update-base",
+    is_flag=True,
+    help="Take the newest base image for cluster.yaml's base: instead of the one piimage.lock holds, and lock that.",
+)
 @click.option("--keep-workspace", is_flag=True, help="Keep the temporary workspace for debugging.")
 @common_options
 @handle_errors
@@ -140,6 +145,7 @@ def build(
     base,
     compress,
     url_base,
+    update_base,
     keep_workspace,
     verbose,
     quiet,
@@ -163,6 +169,7 @@ def build(
         keep_workspace=keep_workspace,
         compress=compress,
         url_base=url_base,
+        update_base=update_base,
     )
     for path in buildmod.execute(bp):
         click.echo(str(path))

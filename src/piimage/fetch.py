@@ -40,6 +40,9 @@ class BaseSpec:
     kind: str  # "imager" | "url" | "path"
     value: str
     sha256: str | None = None
+    # what a locked base (lock.py) knew of the image it resolved to
+    name: str | None = None
+    release_date: str | None = None
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,8 @@ def fetch_base(
     if spec.kind == "imager":
         url_list = os_list_url or settings.os_list_url()
         item = resolve_imager(spec.value, url_list)
-        url = _rewrite_mirror(str(item["url"]), mirror)
+        upstream = str(item["url"])
+        url = _rewrite_mirror(upstream, mirror)
         expected = str(item.get("image_download_sha256") or "").lower() or None
         extract_sha = str(item.get("extract_sha256") or "").lower() or None
         release = item.get("release_date")
@@ -273,9 +277,11 @@ def fetch_base(
         if not expected:
             expected = _sidecar_sha256(url, url.rsplit("/", 1)[-1])
     elif spec.kind == "url":
-        url = _rewrite_mirror(spec.value, mirror)
-        name = url.rsplit("/", 1)[-1]
-        expected = spec.sha256 or _sidecar_sha256(url, name)
+        upstream = spec.value
+        url = _rewrite_mirror(upstream, mirror)
+        name = spec.name or url.rsplit("/", 1)[-1]
+        release = spec.release_date
+        expected = spec.sha256 or _sidecar_sha256(url, url.rsplit("/", 1)[-1])
     else:
         path = Path(spec.value)
         digest = _local_digest(path, cache)
@@ -304,4 +310,5 @@ def fetch_base(
         )
     else:
         log.info("base image %s: cached", name)
-    return BaseImage(name, url, expected, raw, raw.stat().st_size, release)
+    # the source as published, not the mirror it was fetched from (manifest, lock)
+    return BaseImage(name, upstream, expected, raw, raw.stat().st_size, release)

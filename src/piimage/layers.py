@@ -25,7 +25,7 @@ from .profiles import Profile
 from .run import run, terminate_all
 from .stages import Stage
 
-LAYER_FORMAT = 2  # bump when the way layers are made changes
+LAYER_FORMAT = 3  # bump when the way layers are made changes (3: installed packages recorded)
 FREE_AFTER_PACKAGES = 384 << 20  # free space left in a layer's root after its packages
 
 
@@ -247,24 +247,59 @@ def _build_layer(
                     _copy_role_files(ch.root, st)
                     if st.script is not None:
                         ch.run_script(st.script, what=f"{st.name}/run-chroot.sh")
+            # what the layer holds, read from the root itself (no emulated dpkg-query)
+            installed = installed_packages((ch.root / "var/lib/dpkg/status").read_text())
+            release = os_release_codename((ch.root / "etc/os-release").read_text())
         if inputs.headroom_mb:
             # the headroom was for apt; what is left of it is not flashed (first boot grows
             # the root)
             disk.shrink_image(tmp, FREE_AFTER_PACKAGES)
-    write_atomic(
-        final.with_suffix(".json"),
-        json.dumps(
-            {
-                "role": inputs.role,
-                "key": inputs.key(),
-                "packages": list(inputs.packages),
-                "base_sha256": inputs.base_sha256,
-                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": round(time.monotonic() - t0, 1),
-            },
-            indent=2,
-        ),
-    )
+        # the description first: whoever sees the layer finds it described
+        write_atomic(
+            final.with_suffix(".json"),
+            json.dumps(
+                {
+                    "role": inputs.role,
+                    "key": inputs.key(),
+                    "packages": list(inputs.packages),
+                    "base_sha256": inputs.base_sha256,
+                    "release": release,
+                    "installed": installed,
+                    "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "seconds": round(time.monotonic() - t0, 1),
+                },
+                indent=2,
+            ),
+        )
+
+
+def installed_packages(status: str) -> dict[str, str]:
+    """Package -> version of what dpkg's status file says is installed ("install ok
+    installed"), sorted by name."""
+    out = {}
+    for block in status.split("\n\n"):
+        fields = dict(
+            ln.split(": ", 1) for ln in block.splitlines() if ": " in ln and not ln.startswith(" ")
+        )
+        if fields.get("Status") == "install ok installed" and "Package" in fields:
+            out[fields["Package"]] = fields.get("Version", "")
+    return dict(sorted(out.items()))
+
+
+def os_release_codename(text: str) -> str | None:
+    """VERSION_CODENAME of an os-release file ("bookworm", "trixie")."""
+    for ln in text.splitlines():
+        if ln.startswith("VERSION_CODENAME="):
+            return ln.split("=", 1)[1].strip().strip('"') or None
+    return None
+
+
+def layer_info(layer: Path) -> dict:
+    """The description written beside a layer (layer.json): role, release, installed packages."""
+    try:
+        return json.loads(layer.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _copy_role_files(root: Path, st: Stage) -> None:

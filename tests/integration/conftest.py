@@ -329,33 +329,12 @@ def env(tmp_path_factory, standin_server):
     return e
 
 
-def pytest_terminal_summary(terminalreporter):
-    """The expensive phases of this run and their wall time (scripts/test prints this last)."""
-    if phases.PHASES:
-        terminalreporter.section("time of the expensive phases")
-        for line in phases.summary():
-            terminalreporter.write_line(line)
-
-
 def pytest_sessionfinish(session):
     """On a pytest-xdist worker: hand this worker's phases to the controller, which prints
-    them (the workers' own terminal summaries are not shown)."""
+    them (tests/conftest.py; the workers' own terminal summaries are not shown)."""
     out = getattr(session.config, "workeroutput", None)
     if out is not None:
         out["piimage_phases"] = phases.export()
-
-
-class _LaneReports:
-    """Controller side of the lanes: collects each worker's phases as it ends."""
-
-    @pytest.hookimpl
-    def pytest_testnodedown(self, node, error):
-        phases.merge(getattr(node, "workeroutput", {}).get("piimage_phases", ()), node.gateway.id)
-
-
-def pytest_configure(config):
-    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
-        config.pluginmanager.register(_LaneReports(), "piimage-lane-reports")
 
 
 def _release(item) -> str | None:

@@ -4,10 +4,14 @@ apt under QEMU user emulation; every image is read back and checked."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 from clihelp import CLUSTER_YAML, piimage, pubkey
 from readback import fsck_partitions, open_images
 
@@ -278,6 +282,110 @@ def test_bookworm_node(env, standin_bookworm, tmp_path):
             assert f"root=PARTUUID={v.disk_id()}-02" in cmdline
     for tool, r in fsck_partitions(img).items():
         assert r.returncode == 0, f"{tool}: {r.stdout}{r.stderr}"
+
+
+# --------------------------------------------------------------------------------------------
+# piimage.lock: the base stays what the first build took until the user asks for another.
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def _served(directory: Path):
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_lock_keeps_the_base_until_asked(env, standin_bookworm, standin_raw, tmp_path):
+    """A second build after the upstream image list names a newer image keeps the locked base;
+    --update-base takes the new one; a node whose Slurm its controller cannot talk to is
+    refused before any image is written. Costs one bookworm compute layer (the new base's
+    digest makes a new layer key) and three stamps."""
+    site = tmp_path / "site"
+    site.mkdir()
+    old_name = standin_bookworm.image_xz.name
+    os.link(standin_bookworm.image_xz, site / old_name)
+    old_item = dict(standin_bookworm.item)
+    # the same image, compressed again: another download digest, a later release date
+    new_name = old_name.replace(".img.xz", "-v2.img.xz")
+    with open(site / new_name, "wb") as f:
+        subprocess.run(
+            ["xz", "-0", "-T0", "-c", str(standin_raw("bookworm"))], stdout=f, check=True
+        )
+    new_sha = _sha(site / new_name)
+    cwd = tmp_path / "cluster"
+    cwd.mkdir()
+    (cwd / "cluster.yaml").write_text(
+        CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.12").replace(
+            "base: raspios-lite-arm64\n", "base: raspios-lite-arm64-legacy\n"
+        )
+    )
+    with _served(site) as url:
+
+        def publish(*items):
+            doc = {"os_list": [{"name": "Raspberry Pi OS (other)", "subitems": list(items)}]}
+            (site / "os_list.json").write_text(json.dumps(doc))
+
+        publish({**old_item, "url": url + old_name})
+        e = dict(env, PIIMAGE_OS_LIST_URL=url + "os_list.json")
+        out = cwd / "out" / "testcluster"
+        piimage(["build", "--hostname", "node01"], e, cwd)
+        locked = yaml.safe_load((cwd / "piimage.lock").read_text())
+        assert locked["base"]["sha256"] == old_item["image_download_sha256"]
+        assert locked["base"]["asked"] == "raspios-lite-arm64-legacy"
+        assert locked["nodes"]["node01"]["slurm"] == "22.05"
+        assert locked["nodes"]["node01"]["release"] == "bookworm"
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["nodes"]["node01"]["packages"]["slurmd"].startswith("22.05.")
+
+        # upstream now lists a newer image: the lock keeps the old one
+        publish(
+            {**old_item, "url": url + old_name},
+            {
+                **old_item,
+                "url": url + new_name,
+                "image_download_sha256": new_sha,
+                "release_date": "2099-01-01",
+            },
+        )
+        proc = piimage(["build", "--hostname", "node02"], e, cwd)
+        assert "as locked in piimage.lock" in proc.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["base"]["sha256"] == old_item["image_download_sha256"]
+        locked = yaml.safe_load((cwd / "piimage.lock").read_text())
+        assert sorted(locked["nodes"]) == ["node01", "node02"]
+
+        # a controller the new node's Slurm cannot talk to (as if the head had been built on
+        # trixie): refused, exit 2, nothing written
+        head_on_trixie = {"role": "head", "release": "trixie", "slurm": "24.11"}
+        (cwd / "piimage.lock").write_text(
+            yaml.safe_dump({**locked, "nodes": {**locked["nodes"], "head": head_on_trixie}})
+        )
+        before = sorted(p.name for p in out.iterdir())
+        proc = piimage(["build", "--hostname", "node02"], e, cwd, check_rc=2)
+        assert (
+            "these nodes would run Slurm releases that cannot work together: node01: Slurm "
+            "22.05 (as last built); node02: Slurm 22.05 (the controller head runs Slurm 24.11"
+        ) in proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == before
+        locked["nodes"].pop("head", None)
+        (cwd / "piimage.lock").write_text(yaml.safe_dump(locked))
+
+        # --update-base: the newest image, locked from now on
+        proc = piimage(["build", "--hostname", "node02", "--update-base"], e, cwd)
+        locked = yaml.safe_load((cwd / "piimage.lock").read_text())
+        assert locked["base"]["sha256"] == new_sha
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["base"]["sha256"] == new_sha
 
 
 # --------------------------------------------------------------------------------------------
