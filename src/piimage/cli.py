@@ -24,17 +24,20 @@ def _sigterm(signum, frame):  # noqa: ARG001
 
 
 def _report(e: PiimageError) -> None:
+    """The error as the terminal shows it: what a file said is quoted in messages, so a
+    control character in a name or value is written as an escape, never raw."""
+    out = _printable
     if isinstance(e, InventoryError):
         for p in e.problems:
-            click.echo(p, err=True)
-        click.echo(f"piimage: {e.message}; nothing was built", err=True)
+            click.echo(out(p), err=True)
+        click.echo(f"piimage: {out(e.message)}; nothing was built", err=True)
     else:
-        click.echo(f"piimage: error: {e.message}", err=True)
+        click.echo(f"piimage: error: {out(e.message)}", err=True)
     if e.detail:
         for line in e.detail.splitlines():
-            click.echo(f"    {line}", err=True)
+            click.echo(f"    {out(line)}", err=True)
     if e.hint:
-        click.echo(f"hint: {e.hint}", err=True)
+        click.echo(f"hint: {out(e.hint)}", err=True)
 
 
 def handle_errors(fn):
@@ -51,8 +54,23 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             click.echo("\npiimage: interrupted; cleaned up, nothing was published", err=True)
             sys.exit(EXIT_INTERRUPT)
+        except (SystemExit, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as e:  # a bug of ours: one line, the traceback only with -vv
+            log.debug("internal error", exc_info=True)
+            click.echo(
+                f"piimage: internal error: {type(e).__name__}: {_printable(str(e))[:300]}\n"
+                "  please report it with the output of the same command run with -vv",
+                err=True,
+            )
+            sys.exit(1)
 
     return wrapper
+
+
+def _printable(text: str) -> str:
+    """A message as the terminal may show it: control characters written as escapes."""
+    return "".join(c if c.isprintable() or c == "\n" else f"\\x{ord(c):02x}" for c in text)
 
 
 def common_options(fn):
@@ -204,10 +222,16 @@ def init(directory, force, verbose, quiet):
 def check(inventory, verbose, quiet):
     """Validate the inventory and list its nodes (nothing is downloaded or written)."""
     _setup_logging(verbose, quiet)
+    from .settings import data_dir
+    from .stages import discover
+
     cluster = _load_cluster(inventory)
+    # the stages a build would use, yours included: a broken stage.yaml fails here, not later
+    stages = discover([data_dir() / "stages", *cluster.stages])
     click.echo(f"cluster {cluster.name}: {len(cluster.nodes)} nodes, base {cluster.base}")
     for n in cluster.nodes:
         click.echo(f"  {n.hostname:<16} {n.role:<10} {n.ip}")
+    click.echo(f"stages: {', '.join(st.name for st in stages)}")
 
 
 @main.command()

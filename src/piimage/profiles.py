@@ -85,7 +85,7 @@ def effective(profile: Profile, runs_jobs: bool) -> Profile:
 def load_profile(path: Path) -> Profile:
     role = path.stem
     where = str(path)
-    ck = yamlloc.Checker(where, yamlloc.read(path.read_text(), where))
+    ck = yamlloc.Checker(where, yamlloc.read_file(path, where, "node profile"))
     if ck.doc.value is not None and not isinstance(ck.doc.value, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     if not ROLE_RE.match(role):

@@ -58,6 +58,7 @@ from .accounts import home_dir
 from .errors import UserError
 
 STAGE_DIR_RE = re.compile(r"^\d\d-[a-z0-9][a-z0-9-]*$")
+ROLE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")  # as a node profile's name (profiles.ROLE_RE)
 STATIC = {"static": True}  # field metadata: taken as written, never rendered (file names, modes)
 
 
@@ -427,11 +428,9 @@ def _load_action(
 def load_stage(d: Path) -> Stage:
     meta_path = d / "stage.yaml"
     where0 = str(meta_path)
-    try:
-        text = meta_path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{d}: stage directory has no stage.yaml") from None
-    doc = yamlloc.read(text, where0)
+    if not meta_path.exists() and not meta_path.is_symlink():
+        raise UserError(f"{d}: stage directory has no stage.yaml")
+    doc = yamlloc.read_file(meta_path, where0, "stage.yaml")
     ck = yamlloc.Checker(where0, doc)
     if doc.value is not None and not isinstance(doc.value, dict):
         raise UserError(f"{where0}: expected a mapping at the top level")
@@ -440,6 +439,9 @@ def load_stage(d: Path) -> Stage:
     if scope not in ("node", "role"):
         ck.add(("scope",), f"{scope!r} must be 'node' or 'role'")
     roles = ck.text_list(meta, "roles", (), "a role name", "role names")
+    for rp, role in roles or []:
+        if role != "all" and not ROLE_NAME_RE.match(role):
+            ck.add(rp, f"{role!r} is not a role name (lower-case letters, digits and '-'; or all)")
     packages = ck.text_list(meta, "packages", (), "a package name", "package names") or []
     label = f"{d.name}/stage.yaml"
     actions: list[Action] = []

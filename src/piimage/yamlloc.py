@@ -8,7 +8,10 @@ node profiles, so all three report their mistakes the same way."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -19,6 +22,60 @@ from .suggest import unknown
 
 class MalformedYAML(UserError):
     """The text is not YAML; the message is located (file:line:column) when YAML says where."""
+
+
+# The guarded door every input file goes through (inventory, node profiles, stage.yaml): a
+# cluster.yaml of eight nodes is a few kB; these bounds are far above any real file and far
+# below what could hang piimage or eat the machine's memory.
+MAX_INPUT_BYTES = 1 << 20
+MAX_DEPTH = 64  # levels of nesting
+MAX_VALUES = 100_000  # values once aliases are expanded (an alias "bomb" grows exponentially)
+
+
+def read_text_file(path: Path, where: str, what: str) -> str:
+    """The text of an input file: a regular file (symbolic links followed), at most
+    MAX_INPUT_BYTES, UTF-8. Anything else is a UserError naming the file and the problem."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UserError(f"{where}: a symbolic link to nothing ({os.readlink(path)})") from None
+        raise UserError(f"{where}: {what} not found") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot read the {what} ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{where}: is a directory; the {what} must be a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(
+            f"{where}: not a regular file (a device, FIFO or socket); the {what} must be a "
+            "plain file"
+        )
+    if st.st_size > MAX_INPUT_BYTES:
+        raise UserError(
+            f"{where}: {st.st_size} bytes; piimage reads at most {MAX_INPUT_BYTES} bytes of "
+            f"the {what}"
+        )
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{where}: cannot read the {what} ({e.strerror or e})") from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise UserError(
+            f"{where}: more than {MAX_INPUT_BYTES} bytes; piimage reads at most that of the {what}"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"
+        ) from None
+
+
+def read_file(path: Path, where: str, what: str) -> Doc:
+    """read_text_file, then read."""
+    return read(read_text_file(path, where, what), where)
 
 
 class Loader(yaml.SafeLoader):
@@ -60,21 +117,61 @@ def yaml_error(where: str, e: yaml.MarkedYAMLError) -> str:
 
 
 def read(text: str, where: str) -> Doc:
-    """Parse with marks; a syntax error is fatal (nothing after it can be trusted)."""
-    loader = Loader(text)
+    """Parse with marks; a syntax error is fatal (nothing after it can be trusted). Bounded:
+    MAX_INPUT_BYTES of text, MAX_DEPTH levels, MAX_VALUES values after aliases, no alias
+    that contains itself."""
+    if len(text) > MAX_INPUT_BYTES:
+        raise MalformedYAML(f"{where}: more than {MAX_INPUT_BYTES} characters of YAML")
+    loader = None
     try:
+        loader = Loader(text)
         root = loader.get_single_node()
+    except yaml.reader.ReaderError as e:
+        # a character YAML does not allow (a control character, say): located, and named by
+        # its code, never written raw to the terminal
+        line = text[: e.position].count("\n") + 1 if isinstance(e.position, int) else None
+        loc = f"{where}:{line}" if line else where
+        raise MalformedYAML(
+            f"{loc}: malformed YAML: character #x{e.character:04x} is not allowed "
+            "(a control character?)"
+        ) from None
     except yaml.MarkedYAMLError as e:
         raise MalformedYAML(yaml_error(where, e)) from None
     except yaml.YAMLError as e:
         raise MalformedYAML(f"{where}: malformed YAML: {e}") from None
+    except RecursionError:
+        raise MalformedYAML(f"{where}: malformed YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     doc = Doc(None, {}, {}, [])
     builder = Loader("")  # builds scalars and resolves `<<` merges, safe tags only
+    inside: set[int] = set()  # the nodes being walked: an alias of one of them is a cycle
+    count = [0]
 
     def walk(node: yaml.Node, path: tuple) -> Any:
         doc.lines.setdefault(path, node.start_mark.line + 1)
+        count[0] += 1
+        if count[0] > MAX_VALUES:
+            raise MalformedYAML(
+                f"{where}: more than {MAX_VALUES} values once its aliases are expanded "
+                "(aliases of aliases?)"
+            )
+        if len(path) > MAX_DEPTH:
+            doc.problems.append((path[:MAX_DEPTH], f"nested deeper than {MAX_DEPTH} levels"))
+            return None
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in inside:
+                doc.problems.append((path, "an alias that contains itself"))
+                return None
+            inside.add(id(node))
+            try:
+                return collection(node, path)
+            finally:
+                inside.discard(id(node))
+        return scalar(node, path)
+
+    def collection(node: yaml.Node, path: tuple) -> Any:
         if isinstance(node, yaml.MappingNode):
             if node.tag != "tag:yaml.org,2002:map":
                 doc.problems.append((path, f"unsupported YAML tag {node.tag}"))
@@ -93,6 +190,9 @@ def read(text: str, where: str) -> Doc:
             except yaml.MarkedYAMLError as e:
                 doc.problems.append((path, f"cannot merge: {e.problem}"))
                 return {}
+            except RecursionError:
+                doc.problems.append((path, "cannot merge: a `<<` alias that contains itself"))
+                return {}
             out: dict[str, Any] = {}
             for k, v in node.value:
                 if not isinstance(k, yaml.ScalarNode):
@@ -108,6 +208,9 @@ def read(text: str, where: str) -> Doc:
                 doc.problems.append((path, f"unsupported YAML tag {node.tag}"))
                 return None
             return [walk(v, path + (i,)) for i, v in enumerate(node.value)]
+        return None
+
+    def scalar(node: yaml.Node, path: tuple) -> Any:
         try:
             value = builder.construct_object(node)
         except yaml.MarkedYAMLError as e:
@@ -121,7 +224,10 @@ def read(text: str, where: str) -> Doc:
         return value
 
     if root is not None:
-        doc.value = walk(root, ())
+        try:
+            doc.value = walk(root, ())
+        except RecursionError:
+            raise MalformedYAML(f"{where}: malformed YAML: nested too deeply") from None
     return doc
 
 

@@ -116,7 +116,7 @@ def test_compression_defaults_to_xz_for_all(runner, tmp_path, monkeypatch, args,
 
     seen = {}
 
-    class Planned(Exception):
+    class Planned(BaseException):  # not an Exception: the CLI turns those into "internal error"
         pass
 
     def fake_plan(cluster, nodes, **kw):
@@ -125,6 +125,21 @@ def test_compression_defaults_to_xz_for_all(runner, tmp_path, monkeypatch, args,
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(buildmod, "plan", fake_plan)
-    r = runner.invoke(main, ["build", *args])
-    assert isinstance(r.exception, Planned), r.output
+    with pytest.raises(Planned):
+        runner.invoke(main, ["build", *args])
     assert seen["compress"] == want
+
+
+def test_an_unexpected_exception_is_one_line_not_a_traceback(runner, monkeypatch):
+    """A bug of ours reaches the user as one line and exit 1; control characters escaped."""
+    import piimage.inventory as inv
+
+    def broken(*a, **k):
+        raise KeyError("no\x1b[31m such key")
+
+    monkeypatch.setattr(inv, "load", broken)
+    r = runner.invoke(main, ["check"])
+    assert r.exit_code == 1
+    assert "Traceback" not in r.output
+    assert "piimage: internal error: KeyError: " in r.output and "\x1b" not in r.output
+    assert "\\x1b[31m" in r.output and "run with -vv" in r.output

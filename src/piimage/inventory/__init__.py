@@ -21,6 +21,7 @@ import pwd  # noqa: F401  (tests patch inventory.pwd.getpwnam; sshkeys uses the 
 from collections.abc import Mapping
 from pathlib import Path
 
+from .. import yamlloc
 from ..errors import UserError
 from ..fsutil import write_atomic
 from ..log import log
@@ -82,26 +83,20 @@ def load(
     home = invoking_home()
     if path is None:
         candidate = cwd / DEFAULT_FILE
-        if not candidate.exists():
+        # a ./cluster.yaml that is a broken link is a mistake to report, not "no inventory"
+        if not candidate.exists() and not candidate.is_symlink():
             return _load_default(cwd, _roles(roles, cwd), home)
         path, where = candidate, _display(candidate)
     else:
         where = str(path)
         path = path if path.is_absolute() else cwd / path
-    roles = _roles(roles, path.resolve().parent)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise UserError(
             f"{where}: inventory file not found",
             hint="run `piimage init` to write one, or leave out --inventory for the default cluster",
-        ) from None
-    except IsADirectoryError:
-        raise UserError(f"{where}: is a directory, not an inventory file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"{where}: cannot read the inventory ({getattr(e, 'strerror', None) or e})"
-        ) from None
+        )
+    text = yamlloc.read_text_file(path, where, "inventory file")  # before resolve(): loops
+    roles = _roles(roles, path.resolve().parent)
     source = path.resolve()
     cluster = _validate(
         _read_yaml(text, where),
