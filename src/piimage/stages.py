@@ -45,6 +45,7 @@ there is rendered. Any action key in a role-scope stage is an error naming the f
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -218,10 +219,16 @@ class File(Action):
         sources = [k for k in ("template", "source", "secret") if getattr(self, k) is not None]
         if len(sources) != 1:
             problem((), "needs exactly one of template, source, secret")
+        files = stage_dir / "files"
         for k in ("template", "source"):
             name = getattr(self, k)
-            if name is not None and not (stage_dir / "files" / name).is_file():
-                problem((k,), f"{stage_dir / 'files' / name} does not exist")
+            if name is None:
+                continue
+            real = Path(os.path.realpath(files / name))
+            if os.path.isabs(name) or not real.is_relative_to(os.path.realpath(files)):
+                problem((k,), f"{name!r} is outside the stage's files/ folder")
+            elif not real.is_file():
+                problem((k,), f"{files / name} does not exist")
 
     def make(self, v: dict[str, Any], r: Renderer) -> RenderedFile:
         path = v["path"]
@@ -229,9 +236,9 @@ class File(Action):
             raise UserError(f"{r.where}: path {path!r} must be absolute")
         files = r.stage.dir / "files"
         if self.template:
-            data = render.render_file(files / self.template, r.context, r.where).encode()
+            data = render.render_file(_inside(files, self.template, r), r.context, r.where).encode()
         elif self.source:
-            data = (files / self.source).read_bytes()
+            data = _inside(files, self.source, r).read_bytes()
         else:
             assert self.secret is not None
             if self.secret not in r.secrets:
@@ -249,6 +256,18 @@ class Link(Action):
 
     def make(self, v: dict[str, Any], r: Renderer) -> RenderedLink:
         return RenderedLink(v["path"], v["target"], r.stage.name)
+
+
+def _inside(files: Path, name: str, r: Renderer) -> Path:
+    """A stage's template or source: a regular file inside its files/ folder (a stage cannot
+    copy /etc/shadow, or ../../anything, into an image)."""
+    path = files / name
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(files))
+    if os.path.isabs(name) or not real.is_relative_to(root):
+        raise UserError(f"{r.where}: {name!r} is outside the stage's files/ folder")
+    if not real.is_file():
+        raise UserError(f"{r.where}: {name!r} is not a file in {files}")
+    return path
 
 
 @dataclass(frozen=True, kw_only=True)

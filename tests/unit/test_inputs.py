@@ -100,3 +100,40 @@ def test_hostile_file_is_one_located_error(tmp_path, monkeypatch, kind, cls):
     # the message names the file it is about
     assert target.name in out or str(target) in out, out
     assert len(out) < 4000, out[:4000]
+
+
+@pytest.mark.parametrize(
+    "entry", ["{path: /x, source: /etc/shadow}", "{path: /x, template: ../stage.yaml}"]
+)
+def test_a_stage_cannot_copy_files_from_outside_its_folder(tmp_path, entry):
+    from piimage import build
+    from piimage import inventory as inv
+
+    _tree(tmp_path)
+    stage = tmp_path / "mystages" / "90-extra"
+    (stage / "files").mkdir()
+    (stage / "stage.yaml").write_text(f"scope: node\nroles: [all]\nfiles:\n  - {entry}\n")
+    cluster = inv.load(tmp_path / "cluster.yaml")
+    keys = build.cluster_keys(cluster)
+    with pytest.raises(Exception) as e:
+        build.plan(cluster, cluster.nodes, keys=keys, out_dir=tmp_path / "out")
+    said = f"{e.value} {getattr(e.value, 'detail', '')}"
+    assert "is outside the stage's files/ folder" in said, said
+    assert "root:" not in said  # nothing of /etc/shadow
+
+
+def test_a_secrets_dir_every_user_can_write_is_refused(tmp_path, monkeypatch):
+    _tree(tmp_path)
+    shared = tmp_path / "open"
+    shared.mkdir()
+    shared.chmod(0o777)
+    text = (
+        (tmp_path / "cluster.yaml")
+        .read_text()
+        .replace("name: lab\n", "name: lab\nsecrets_dir: open\n")
+    )
+    (tmp_path / "cluster.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["check"])
+    assert r.exit_code == 2
+    assert f"cluster.yaml:2: secrets_dir: {shared} is writable by every user" in r.output

@@ -272,6 +272,12 @@ SINGLE_PROBLEMS = [
      "cluster.yaml:12: nodes[1].hardware.real_memory: 2048 must be from 256 to 1800 MiB: the "
      "pi4-2gb's RealMemory is at most that, and a node that reports less memory than "
      "slurm.conf says is drained"),
+    ("name: lab", "name: lab\nshared: {path: //etc}",
+     "cluster.yaml:2: shared.path: '//etc' must be a plain absolute path without spaces"),
+    ("name: lab", "name: lab\nsecrets_dir: /tmp",
+     "cluster.yaml:2: secrets_dir: /tmp is a system or shared directory; piimage makes the secrets directory 0700"),
+    ("name: lab", "name: lab\nsecrets_dir: /etc",
+     "cluster.yaml:2: secrets_dir: /etc is a system or shared directory"),
     ("ip: 10.0.0.11}", "ip: 10.0.0.11, hardware: {real_memory: lots}}",
      "cluster.yaml:12: nodes[1].hardware.real_memory: expected a whole number, got text"),
     ("name: lab", "name: lab\nzzz: 1", "cluster.yaml:2: zzz: unknown key 'zzz' (known: admin, apt, base,"),
@@ -553,6 +559,11 @@ BAD_KEYS = [
      "does not look like an OpenSSH public key (the key data is not that of a ssh-ed25519"),
     ("ssh-dss AAAAB3NzaC1kc3MAAACBAP8 x",
      "does not look like an OpenSSH public key (a DSA key, which current OpenSSH refuses"),
+    # the whole type name, but the key itself cut short: it would lock the admin out
+    (f"ssh-ed25519 {base64.b64encode(base64.b64decode(KEY.split()[1])[:-6]).decode()} me@laptop",
+     "does not look like an OpenSSH public key (the ssh-ed25519 key data is cut short or damaged"),
+    (f"ssh-ed25519 {base64.b64encode(base64.b64decode(KEY.split()[1]) + b'xx').decode()}",
+     "does not look like an OpenSSH public key (the ssh-ed25519 key data is cut short or damaged"),
     ("/no/such/key.pub", "key file /no/such/key.pub does not exist"),
     ("keys", "{tmp}/keys is a directory, not a public key file"),
     ("binary.pub", "{tmp}/binary.pub is not a text file"),

@@ -89,6 +89,7 @@ SYSTEM_DIRS = {
 }
 # fmt: on
 ZONEINFO = Path("/usr/share/zoneinfo")
+SHARED_TMP = {"/tmp", "/var/tmp", "/dev/shm", "/run/shm"}
 
 
 def _name(doc: dict, ck: _Checker) -> str:
@@ -279,6 +280,7 @@ def _shared(doc: dict, ck: _Checker) -> SharedStorage:
     where = ck.text(sh, "path", path, DEFAULT_SHARED_PATH) or DEFAULT_SHARED_PATH
     if (
         not where.startswith("/")
+        or where.startswith("//")  # normpath keeps a leading "//": //etc would pass as not /etc
         or os.path.normpath(where) != where
         or any(c.isspace() for c in where)
     ):
@@ -328,8 +330,21 @@ def _stages(doc: dict, ck: _Checker, base_dir: Path, home: Path) -> tuple[Path, 
 def _secrets_dir(doc: dict, ck: _Checker, base_dir: Path, home: Path) -> Path:
     text = ck.text(doc, "secrets_dir", (), DEFAULT_SECRETS_DIR) or DEFAULT_SECRETS_DIR
     d = _resolve_path(text, base_dir, home)
-    if d.exists() and not d.is_dir():
+    real = Path(os.path.realpath(d))
+    if str(real) in SYSTEM_DIRS | SHARED_TMP or real.parent == Path("/"):
+        # build makes the directory 0700 and keeps keys in it: never a shared or system one
+        ck.add(
+            ("secrets_dir",),
+            f"{d} is a system or shared directory; piimage makes the secrets directory 0700 "
+            "and keeps private keys in it: give it its own, like .piimage/secrets",
+        )
+    elif d.exists() and not d.is_dir():
         ck.add(("secrets_dir",), f"{d} exists and is not a directory")
+    elif d.is_dir() and d.stat().st_mode & 0o002:
+        ck.add(
+            ("secrets_dir",),
+            f"{d} is writable by every user; the secrets directory must be private (0700)",
+        )
     return d
 
 

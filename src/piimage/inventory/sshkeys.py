@@ -57,7 +57,42 @@ def public_key_problem(line: str) -> str | None:
     n = int.from_bytes(blob[:4], "big")
     if len(blob) < 4 + n or blob[4 : 4 + n] != kind.encode():
         return f"the key data is not that of a {kind} key (cut short, or pasted from another key?)"
+    parts = _ssh_strings(blob)
+    if parts is None or not _whole_key(kind, parts):
+        return f"the {kind} key data is cut short or damaged (copy the whole line of the .pub file)"
     return None
+
+
+def _ssh_strings(blob: bytes) -> list[bytes] | None:
+    """The length-prefixed strings a public key blob is made of (RFC 4253 section 6.6), or
+    None when a length runs past the end."""
+    out, i = [], 0
+    while i < len(blob):
+        if i + 4 > len(blob):
+            return None
+        n = int.from_bytes(blob[i : i + 4], "big")
+        if i + 4 + n > len(blob):
+            return None
+        out.append(blob[i + 4 : i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def _whole_key(kind: str, parts: list[bytes]) -> bool:
+    """The fields each key type has: ed25519 a 32-byte key (RFC 8709), RSA an exponent and a
+    modulus of at least 1024 bits (RFC 4253), ECDSA a curve name and a point (RFC 5656); the
+    security-key types add an application string."""
+    if kind == "ssh-ed25519":
+        return len(parts) == 2 and len(parts[1]) == 32
+    if kind == "sk-ssh-ed25519@openssh.com":
+        return len(parts) == 3 and len(parts[1]) == 32
+    if kind == "ssh-rsa":
+        return len(parts) == 3 and len(parts[2].lstrip(b"\0")) * 8 >= 1024
+    if kind.startswith("ecdsa-sha2-"):
+        return len(parts) == 3 and len(parts[2]) >= 65
+    if kind.startswith("sk-ecdsa-sha2-"):
+        return len(parts) == 4 and len(parts[2]) >= 65
+    return len(parts) >= 2
 
 
 def _looks_like_key_text(entry: str) -> bool:
