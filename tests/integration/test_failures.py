@@ -51,7 +51,20 @@ def work(tmp_path, standin_bookworm):
         PIIMAGE_OS_LIST_URL=standin_bookworm.os_list_url,
         TMPDIR=str(tmpdir),
     )
+    _BEFORE[tmp_path] = _host_entries()
     return tmp_path, env, standin_bookworm
+
+
+# what the machine held when each test began: leftovers are what a test added, not what an
+# earlier process (a killed CI run, say) left
+_BEFORE: dict[Path, set[str]] = {}
+
+
+def _host_entries() -> set[str]:
+    layers = PERSISTENT_CACHE / "layers"
+    found = {f"partial layer {p}" for p in layers.iterdir()} if layers.exists() else set()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return found | {f"loop {ln}" for ln in loops.splitlines()}
 
 
 def run_piimage(args, env, cwd, timeout=3600):
@@ -118,7 +131,8 @@ def leftovers(tmp_path: Path) -> list[str]:
                 continue
             if str(tmp_path) in cmd and ("qemu" in cmd or "apt" in cmd or "dpkg" in cmd):
                 found.append(f"process {pid}: {cmd[:120]}")
-    return found
+    before = _BEFORE.get(tmp_path, set())
+    return [f for f in found if f not in before]
 
 
 def test_corrupted_download(work):
