@@ -84,3 +84,13 @@ def home_with_key(home: Path, comment: str) -> Path:
         check=True,
     )
     return home
+
+
+def with_ctrl_c() -> None:
+    """preexec_fn for a piimage a test will interrupt: SIGINT back to its default. A process
+    started with SIGINT ignored keeps it ignored (Python then installs no KeyboardInterrupt
+    handler), and pytest-xdist's workers run with it ignored, so without this the test's
+    Ctrl-C would never reach the build."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,8 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def host_mounts_and_loops() -> tuple[frozenset[str], frozenset[str]]:
-    """The host's mounts and loop devices, less those of piimage processes still at work (the
-    other test lane's builds and stand-ins): a build that has ended must have left none."""
+    """The host's mounts and loop devices that piimage could leave (a chroot's mounts, loop
+    devices on its layers and workspaces: every such path names piimage), less those of
+    piimage processes still at work (the other test lane's builds and stand-ins). Docker's
+    own mounts, which come and go with the other lane's Docker tests, are not piimage's."""
     loops = {}
     for ln in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
         dev, _, rest = ln.partition(":")
@@ -35,11 +37,12 @@ def host_mounts_and_loops() -> tuple[frozenset[str], frozenset[str]]:
         " ".join(f)
         for f in mounts
         if len(f) > 1
+        and "piimage" in " ".join(f[:2])
         and f[0] not in busy
         and not any(f[1] == r or f[1].startswith(r + "/") for r in roots)
         and not _still_at_work(f[1])
     )
-    return kept, frozenset(ln for dev, ln in loops.items() if dev not in busy)
+    return kept, frozenset(ln for dev, ln in loops.items() if dev not in busy and "piimage" in ln)
 
 
 def _still_at_work(text: str) -> bool:

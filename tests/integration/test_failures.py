@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clihelp import with_ctrl_c
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -216,6 +217,7 @@ def _interrupt_when(
         [sys.executable, "-m", "piimage.cli", *args],
         env=env,
         cwd=cwd,
+        preexec_fn=with_ctrl_c,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
