@@ -3,6 +3,7 @@ nothing left behind — no partial image, no mount, no loop device, no appliance
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -267,7 +268,13 @@ def test_ctrl_c_during_stamp_and_write(work, marker):
 def test_ctrl_c_during_package_install(work):
     tmp_path, env, _ = work
     (tmp_path / "cluster.yaml").write_text(cluster_yaml())
-    # a package set of its own, so this layer is never cached and apt really runs
+    # a package set of its own, so this layer is never cached and apt really runs: one that a
+    # run whose interrupt did not land may have left is removed first (this test's own)
+    layers = PERSISTENT_CACHE / "layers"
+    for info in layers.glob("compute-*.json") if layers.exists() else ():
+        if json.loads(info.read_text()).get("packages") == ["hello", "cowsay"]:
+            info.with_suffix(".img").unlink(missing_ok=True)
+            info.unlink()
     _profiles(tmp_path, f"packages: [hello, cowsay]\nheadroom_mb: {64 + os.getpid() % 100}\n")
     rc, err = _interrupt_when(
         ["build", "--hostname", "node01", "-v"], env, tmp_path, "apt-get", delay=3
