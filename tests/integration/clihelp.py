@@ -94,3 +94,13 @@ def with_ctrl_c() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def live_partial(text: str) -> bool | None:
+    """For a path or line naming a temporary layer ('.<layer>.partial-<pid>', fsutil.temp_name):
+    whether the piimage that makes it still runs (another test lane's build, not one a test
+    ended); None when `text` names no temporary layer."""
+    import re
+
+    m = re.search(r"\.partial-(\d+)", text)
+    return Path(f"/proc/{m.group(1)}").exists() if m else None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clihelp import CLUSTER_YAML, piimage, pubkey
+from clihelp import CLUSTER_YAML, live_partial, piimage, pubkey
 from readback import fsck_partitions, open_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,9 +48,9 @@ def host_mounts_and_loops() -> tuple[frozenset[str], frozenset[str]]:
 def _still_at_work(text: str) -> bool:
     """A layer being built by a live process ('.partial-<pid>'), a stand-in being built, or
     a chroot of a live build (its mount point is some process's root or cwd)."""
-    m = re.search(r"\.partial-(\d+)", text)
-    if m:
-        return Path(f"/proc/{m.group(1)}").exists()
+    live = live_partial(text)
+    if live is not None:
+        return live
     if "/standin/.build-" in text:
         return True
     m = re.search(r"(/\S*/piimage-root-[^/\s]+)", text)

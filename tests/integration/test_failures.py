@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clihelp import with_ctrl_c
+from clihelp import live_partial, with_ctrl_c
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,13 +79,6 @@ def run_piimage(args, env, cwd, timeout=3600):
     )
 
 
-def _others(name: str) -> bool:
-    """A temporary layer name (`.<layer>.partial-<pid>`) of a piimage that is still running:
-    another lane's build, not what the test under way interrupted."""
-    m = re.search(r"\.partial-(\d+)", name)
-    return bool(m) and Path(f"/proc/{m.group(1)}").exists()
-
-
 def leftovers(tmp_path: Path) -> list[str]:
     """Everything a failed or interrupted run must not leave behind."""
     found = []
@@ -105,7 +97,7 @@ def leftovers(tmp_path: Path) -> list[str]:
         found += [
             f"partial layer {p}"
             for p in layers.iterdir()
-            if p.name.startswith(".") and not p.name.endswith(".lock") and not _others(p.name)
+            if p.name.startswith(".") and not p.name.endswith(".lock") and not live_partial(p.name)
         ]
     # this test's chroot mounts are under its TMPDIR
     mounts = Path("/proc/mounts").read_text()
@@ -118,7 +110,7 @@ def leftovers(tmp_path: Path) -> list[str]:
     found += [
         f"loop {ln}"
         for ln in loops.splitlines()
-        if (str(layers) in ln and not _others(ln)) or str(tmp_path) in ln
+        if (str(layers) in ln and not live_partial(ln)) or str(tmp_path) in ln
     ]
     for pid in os.listdir("/proc"):
         if pid.isdigit():
