@@ -51,7 +51,7 @@ def piimage(
         text=True,
         timeout=3600,
     )
-    record_piimage(args, proc.stderr, time.monotonic() - t0)
+    record_piimage(args, proc.stderr, time.monotonic() - t0, t0)
     if check_rc is not None and proc.returncode != check_rc:
         pytest.fail(
             f"piimage {' '.join(args)} exited {proc.returncode}, expected {check_rc}:\n"

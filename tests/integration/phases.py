@@ -11,13 +11,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _lock = threading.Lock()
-PHASES: list[tuple[str, float]] = []
+# (name, seconds, start): start is seconds since this process began (None: not known), so the
+# table also reads as a timeline of the two lanes
+PHASES: list[tuple[str, float, float | None]] = []
 STARTED = time.monotonic()
 
 
-def record(name: str, seconds: float) -> None:
+def record(name: str, seconds: float, start: float | None = None) -> None:
+    """A phase of `seconds`; `start` is its time.monotonic() at the beginning, if known."""
     with _lock:
-        PHASES.append((name, seconds))
+        PHASES.append((name, seconds, None if start is None else start - STARTED))
 
 
 @contextmanager
@@ -26,39 +29,45 @@ def timed(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        record(name, time.monotonic() - t0)
+        record(name, time.monotonic() - t0, t0)
 
 
 _LAYER_BUILT = re.compile(r"role layer (\S+): built in (\d+) s")
 
 
-def record_piimage(args: list[str], stderr: str, seconds: float) -> None:
-    """A piimage run of a test: the role layers it built (from its log), and the run itself
-    when it is one of the expensive commands."""
+def record_piimage(args: list[str], stderr: str, seconds: float, start: float) -> None:
+    """A piimage run of a test that began at time.monotonic() `start`: the role layers it
+    built (from its log), and the run itself when it is one of the expensive commands."""
     what = " ".join(args)
     for m in _LAYER_BUILT.finditer(stderr):
         record(f"role layer {m.group(1)} (in: piimage {what})", float(m.group(2)))
     if args and args[0] in ("build", "rehearse"):
-        record(f"piimage {what}", seconds)
+        record(f"piimage {what}", seconds, start)
 
 
-def export() -> list[tuple[str, float]]:
+def export() -> list[tuple[str, float, float | None]]:
     """This process's phases and its wall time, for a pytest-xdist worker to hand over."""
     with _lock:
         rows = list(PHASES)
-    return [*rows, ("wall time of this worker", time.monotonic() - STARTED)]
+    return [*rows, ("wall time of this worker", time.monotonic() - STARTED, 0.0)]
 
 
 def merge(rows, worker: str) -> None:
-    """A worker's phases (from export()), each name marked with the worker."""
-    for name, secs in rows:
-        record(f"[{worker}] {name}", float(secs))
+    """A worker's phases (from export()), each name marked with the worker (a worker starts
+    within a second or two of the controller, so its start times are kept as they are)."""
+    with _lock:
+        for name, secs, start in rows:
+            PHASES.append((f"[{worker}] {name}", float(secs), start))
 
 
 def summary() -> list[str]:
-    """Lines for the end of the run, longest first, with the session's wall time."""
+    """Lines for the end of the run, longest first, each with the time it began ("at"), and
+    the session's wall time."""
     with _lock:
         rows = sorted(PHASES, key=lambda r: -r[1])
-    lines = [f"{secs:8.0f} s  {name}" for name, secs in rows]
+    lines = [
+        f"{secs:8.0f} s  {'' if start is None else f'at {start:5.0f} s  '}{name}"
+        for name, secs, start in rows
+    ]
     lines.append(f"{time.monotonic() - STARTED:8.0f} s  wall time of the pytest session")
     return lines

@@ -148,7 +148,7 @@ def base_image(docker) -> str:
             f"exit {imp.returncode}\n{mm_err[-3000:]}{imp.stderr[-2000:]}"
         )
     print(f"base image {BASE_TAG}: made in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    record(f"docker: base image {BASE_TAG} (mmdebstrap | docker import)", time.monotonic() - t0)
+    record(f"docker: base image {BASE_TAG} (mmdebstrap | docker import)", time.monotonic() - t0, t0)
     return BASE_TAG
 
 
@@ -169,7 +169,7 @@ def builder_image(docker, base_image) -> str:
         f"builder image {IMAGE_TAG}: docker build took {time.monotonic() - t0:.0f} s",
         file=sys.stderr,
     )
-    record(f"docker: docker build {IMAGE_TAG}", time.monotonic() - t0)
+    record(f"docker: docker build {IMAGE_TAG}", time.monotonic() - t0, t0)
     return IMAGE_TAG
 
 
@@ -293,7 +293,7 @@ def docker_build(docker, builder_image, standin_bookworm, tmp_path_factory):
         timeout=3600,
     )
     print(f"piimage-docker build: {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    record("docker: scripts/piimage-docker build (in the container)", time.monotonic() - t0)
+    record("docker: scripts/piimage-docker build (in the container)", time.monotonic() - t0, t0)
     after = _leftover_state(docker, roots)
     if proc.returncode != 0:
         pytest.fail(

@@ -194,7 +194,7 @@ def one_rehearsal_at_a_time():
         fcntl.flock(f, fcntl.LOCK_EX)
         waited = time.monotonic() - t0
         if waited > 1:
-            record("waiting for the other lane's rehearsal", waited)
+            record("waiting for the other lane's rehearsal", waited, t0)
         try:
             yield
         finally:
@@ -232,6 +232,13 @@ def _outcome(suite: str, proc, mixed: Path, before: dict, after: dict):
             }
         ),
     )
+    # the rehearsal's own split in the phase table: the wait for the cluster and the checks
+    if report.get("ready_seconds") is not None:
+        record(f"rehearse {suite}: boots until the cluster was ready", report["ready_seconds"])
+    timed_checks = [c for c in report["checks"] if c.get("seconds")]
+    record(f"rehearse {suite}: all checks", sum(c["seconds"] for c in timed_checks))
+    for c in sorted(timed_checks, key=lambda c: -c["seconds"])[:3]:
+        record(f"rehearse {suite}: check {c['name']} {c['node'] or ''}".rstrip(), c["seconds"])
     return suite, proc, report, mixed, before, after
 
 
