@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import fetch, lock, render, settings
@@ -152,8 +152,7 @@ def plan(
             "munge.key": keys.munge,
         }
         p = plan_node(stage_list, ctx, hostname=node.hostname, role=node.role, secrets=node_secrets)
-        p = replace(
-            p,
+        p = p.with_items(
             enable=tuple(dict.fromkeys([*p.enable, *profile.enable])),
             disable=tuple(dict.fromkeys([*p.disable, *profile.disable])),
         )

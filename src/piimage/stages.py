@@ -32,11 +32,11 @@ stage.yaml:
     append:                        # lines ensured in an existing file, under a section if given
       - {path: /boot/firmware/config.txt, section: "[all]", lines: ["dtoverlay=rpi-poe"], when: …}
 
-Every list above but `packages` is a stage action: a class in ACTIONS below. Its dataclass
-fields are the keys an entry may have (those without a default are required); every entry may
-have a `when:`; every text field is rendered with the node's context unless marked static. The
-lists of names (remove, enable, disable, mask) take plain texts or `{name: …, when: …}`.
-Adding an action is one class here, one NodePlan field, and what stamp.py does with it.
+Every list above but `packages` is a stage action: a class in actions.ACTIONS, which says its
+keys, how it renders and what the stamp writes for it (adding an action is one class there).
+Every entry may have a `when:`; every text field is rendered with the node's context unless
+marked static. The lists of names (remove, enable, disable, mask) take plain texts or
+`{name: …, when: …}`.
 
 Role-scope stages (the contract): they take `packages`, a `run-chroot.sh` and a `files/`
 folder copied verbatim into the root (layers.py); there is no node at role level, so nothing
@@ -45,319 +45,21 @@ there is rendered. Any action key in a role-scope stage is an error naming the f
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import jinja2
+from typing import Any
 
 from . import render, yamlloc
-from .accounts import home_dir
+from .actions import ACTION_KEYS, ACTIONS, Action, NodePlan, Renderer
 from .errors import UserError
 
 STAGE_DIR_RE = re.compile(r"^\d\d-[a-z0-9][a-z0-9-]*$")
 ROLE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")  # as a node profile's name (profiles.ROLE_RE)
-STATIC = {"static": True}  # field metadata: taken as written, never rendered (file names, modes)
+__all__ = ["ACTIONS", "NodePlan", "Stage", "discover", "load_stage", "plan_node"]
 
 
-# ---------------------------------------------------------------------------------------------
-# What a node plan holds (stamp.py writes it)
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RenderedFile:
-    path: str
-    data: bytes = field(repr=False)
-    mode: int
-    owner: str
-    group: str
-    stage: str
-    secret: bool = False
-
-
-@dataclass(frozen=True)
-class RenderedLink:
-    path: str
-    target: str
-    stage: str
-
-
-@dataclass(frozen=True)
-class RenderedDir:
-    path: str
-    mode: int
-    owner: str
-    group: str
-
-
-@dataclass(frozen=True)
-class RenderedUser:
-    name: str
-    uid: int
-    home: str
-    shell: str
-    groups: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class RenderedAppend:
-    path: str
-    section: str | None
-    lines: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class NodePlan:
-    """Everything one node's stamp writes, decided before any image is opened. One field per
-    stage action, named by its stage.yaml key."""
-
-    hostname: str
-    role: str
-    files: tuple[RenderedFile, ...]
-    links: tuple[RenderedLink, ...]
-    remove: tuple[str, ...]
-    enable: tuple[str, ...]
-    mask: tuple[str, ...]
-    disable: tuple[str, ...] = ()
-    dirs: tuple[RenderedDir, ...] = ()
-    users: tuple[RenderedUser, ...] = ()
-    append: tuple[RenderedAppend, ...] = ()
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage actions
-# ---------------------------------------------------------------------------------------------
-class Renderer:
-    """Renders one action's texts for one node; errors name the action (`file:line: key[i]`)."""
-
-    def __init__(
-        self,
-        env: jinja2.Environment,
-        context: Mapping[str, Any],
-        secrets: Mapping[str, bytes],
-        stage: Stage,
-        where: str,
-    ):
-        self.env = env
-        self.context = context
-        self.secrets = secrets
-        self.stage = stage
-        self.where = where
-
-    def value(self, v: Any) -> Any:
-        if isinstance(v, str):
-            return render.render_string(self.env, v, self.context, self.where)
-        if isinstance(v, tuple):
-            return tuple(self.value(x) for x in v)
-        return v
-
-    def when(self, expr: str | None) -> bool:
-        return not expr or render.evaluate(self.env, expr, self.context, self.where)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Action:
-    """One entry of a stage.yaml list. Subclasses set `key` and turn their rendered fields into
-    what the plan holds (`make`); `ident` says which entries replace each other."""
-
-    key: ClassVar[str]
-    scalar: ClassVar[str | None] = None  # a bare text entry fills this field
-    where: str = field(default="", compare=False, metadata={"yaml": False})
-    when: str | None = field(default=None, metadata=STATIC)
-
-    @classmethod
-    def yaml_fields(cls) -> list:
-        return [f for f in fields(cls) if f.metadata.get("yaml", True)]
-
-    @classmethod
-    def allowed(cls) -> set[str]:
-        return {f.name for f in cls.yaml_fields()}
-
-    @classmethod
-    def required(cls) -> list[str]:
-        return [
-            f.name
-            for f in cls.yaml_fields()
-            if f.default is MISSING and f.default_factory is MISSING
-        ]
-
-    def check(self, stage_dir: Path, problem: Callable[[tuple, str], None]) -> None:
-        """Checks that need more than one field or the stage's files (at load time)."""
-
-    def render(self, r: Renderer) -> Any:
-        """The one render path: every field not marked static, then `make`."""
-        values = {}
-        for f in self.yaml_fields():
-            v = getattr(self, f.name)
-            values[f.name] = v if f.metadata.get("static") else r.value(v)
-        return self.make(values, r)
-
-    def make(self, v: dict[str, Any], r: Renderer) -> Any:
-        raise NotImplementedError
-
-    @staticmethod
-    def ident(rendered: Any) -> Hashable | None:
-        """Entries with the same ident: the later one wins (in the earlier one's place);
-        None: every entry is kept."""
-        return getattr(rendered, "path", None)
-
-
-@dataclass(frozen=True, kw_only=True)
-class File(Action):
-    key = "files"
-    path: str
-    template: str | None = field(default=None, metadata=STATIC)
-    source: str | None = field(default=None, metadata=STATIC)
-    secret: str | None = field(default=None, metadata=STATIC)
-    mode: int = field(default=0o644, metadata={"static": True, "read": "mode"})
-    owner: str = "root"
-    group: str | None = None
-
-    def check(self, stage_dir: Path, problem: Callable[[tuple, str], None]) -> None:
-        sources = [k for k in ("template", "source", "secret") if getattr(self, k) is not None]
-        if len(sources) != 1:
-            problem((), "needs exactly one of template, source, secret")
-        files = stage_dir / "files"
-        for k in ("template", "source"):
-            name = getattr(self, k)
-            if name is None:
-                continue
-            real = Path(os.path.realpath(files / name))
-            if os.path.isabs(name) or not real.is_relative_to(os.path.realpath(files)):
-                problem((k,), f"{name!r} is outside the stage's files/ folder")
-            elif not real.is_file():
-                problem((k,), f"{files / name} does not exist")
-
-    def make(self, v: dict[str, Any], r: Renderer) -> RenderedFile:
-        path = v["path"]
-        if not path.startswith("/"):
-            raise UserError(f"{r.where}: path {path!r} must be absolute")
-        files = r.stage.dir / "files"
-        if self.template:
-            data = render.render_file(_inside(files, self.template, r), r.context, r.where).encode()
-        elif self.source:
-            data = _inside(files, self.source, r).read_bytes()
-        else:
-            assert self.secret is not None
-            if self.secret not in r.secrets:
-                raise UserError(f"{r.where}: unknown secret {self.secret!r}")
-            data = r.secrets[self.secret]
-        owner, group = v["owner"], v["group"] or v["owner"]
-        return RenderedFile(path, data, self.mode, owner, group, r.stage.name, bool(self.secret))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Link(Action):
-    key = "links"
-    path: str
-    target: str
-
-    def make(self, v: dict[str, Any], r: Renderer) -> RenderedLink:
-        return RenderedLink(v["path"], v["target"], r.stage.name)
-
-
-def _inside(files: Path, name: str, r: Renderer) -> Path:
-    """A stage's template or source: a regular file inside its files/ folder (a stage cannot
-    copy /etc/shadow, or ../../anything, into an image)."""
-    path = files / name
-    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(files))
-    if os.path.isabs(name) or not real.is_relative_to(root):
-        raise UserError(f"{r.where}: {name!r} is outside the stage's files/ folder")
-    if not real.is_file():
-        raise UserError(f"{r.where}: {name!r} is not a file in {files}")
-    return path
-
-
-@dataclass(frozen=True, kw_only=True)
-class Dir(Action):
-    key = "dirs"
-    path: str
-    mode: int = field(default=0o755, metadata={"static": True, "read": "mode"})
-    owner: str = "root"
-    group: str | None = None
-
-    def make(self, v: dict[str, Any], r: Renderer) -> RenderedDir:
-        return RenderedDir(v["path"], self.mode, v["owner"], v["group"] or v["owner"])
-
-
-@dataclass(frozen=True, kw_only=True)
-class User(Action):
-    key = "users"
-    name: str
-    uid: str  # rendered, then a number
-    home: str | None = None
-    shell: str = "/bin/bash"
-    groups: tuple[str, ...] = field(default=(), metadata={"read": "texts"})
-
-    def make(self, v: dict[str, Any], r: Renderer) -> RenderedUser:
-        if not v["uid"].isdigit():
-            raise UserError(f"{r.where}: uid {v['uid']!r} is not a number")
-        home = v["home"] or home_dir(v["name"])
-        return RenderedUser(v["name"], int(v["uid"]), home, v["shell"], v["groups"])
-
-    @staticmethod
-    def ident(rendered: RenderedUser) -> Hashable | None:
-        return rendered.name
-
-
-@dataclass(frozen=True, kw_only=True)
-class Append(Action):
-    key = "append"
-    path: str
-    lines: tuple[str, ...] = field(metadata={"read": "texts"})
-    section: str | None = None
-
-    def make(self, v: dict[str, Any], r: Renderer) -> RenderedAppend:
-        return RenderedAppend(v["path"], v["section"], v["lines"])
-
-    @staticmethod
-    def ident(rendered: RenderedAppend) -> Hashable | None:
-        return None  # each entry adds its lines
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Name(Action):
-    """A list of names (a glob, a unit): plain texts or mappings with `name` and `when`."""
-
-    scalar = "name"
-    name: str
-
-    def make(self, v: dict[str, Any], r: Renderer) -> str:
-        return v["name"]
-
-    @staticmethod
-    def ident(rendered: str) -> Hashable | None:
-        return rendered  # a unit named twice is enabled once, where it first appeared
-
-
-@dataclass(frozen=True, kw_only=True)
-class Remove(_Name):
-    key = "remove"
-
-    @staticmethod
-    def ident(rendered: str) -> Hashable | None:
-        return None  # globs are applied in order, as written
-
-
-@dataclass(frozen=True, kw_only=True)
-class Enable(_Name):
-    key = "enable"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Disable(_Name):
-    key = "disable"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Mask(_Name):
-    key = "mask"
-
-
-ACTIONS: tuple[type[Action], ...] = (File, Link, Dir, User, Append, Remove, Enable, Mask, Disable)
-ACTION_KEYS = {a.key for a in ACTIONS}
 STAGE_KEYS = {"scope", "roles", "packages", "description"} | ACTION_KEYS
 ROLE_SCOPE_KEYS = STAGE_KEYS - ACTION_KEYS
 ROLE_SCOPE_REFUSED = (
@@ -540,5 +242,5 @@ def plan_node(
             else:
                 keyed[action.key][ident] = out
     return NodePlan(
-        hostname, role, **{a.key: (*listed[a.key], *keyed[a.key].values()) for a in ACTIONS}
+        hostname, role, {a.key: (*listed[a.key], *keyed[a.key].values()) for a in ACTIONS}
     )

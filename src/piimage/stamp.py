@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import posixpath
 import re
 import tarfile
 import time
@@ -14,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .accounts import home_dir
+from .actions import NodePlan, RenderedUser, Writes, WrittenFile, write_all
 from .errors import BuildError
 from .image import Disk, PasswdEntry, parse_group, parse_passwd
 from .log import log
-from .stages import NodePlan, RenderedAppend, RenderedUser
 
 FIRST_USER_UID = 1000
 
@@ -26,15 +25,6 @@ FIRST_USER_UID = 1000
 class Admin:
     name: str
     password_hash: str | None
-
-
-@dataclass(frozen=True)
-class WrittenFile:
-    path: str
-    sha256: str
-    mode: int
-    owner: str
-    stage: str
 
 
 def node_disk_id(cluster_name: str, hostname: str) -> str:
@@ -204,26 +194,6 @@ class Accounts:
         self._set(path, text + line + "\n")
 
 
-def _install_targets(unit_text: str) -> tuple[list[str], list[str], list[str]]:
-    wanted, required, alias = [], [], []
-    section = None
-    for raw in unit_text.splitlines():
-        line = raw.strip()
-        if line.startswith("["):
-            section = line
-            continue
-        if section != "[Install]" or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        bucket = {"WantedBy": wanted, "RequiredBy": required, "Alias": alias}.get(key.strip())
-        if bucket is not None:
-            bucket.extend(value.split())
-    return wanted, required, alias
-
-
-UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
-
-
 class TarBuilder:
     """Everything a stamp writes into the root filesystem, as one tar (one libguestfs call)."""
 
@@ -272,20 +242,6 @@ class TarBuilder:
         return self.buf.getvalue()
 
 
-def _append_lines(text: str, append: RenderedAppend) -> str:
-    present = {ln.strip() for ln in text.splitlines()}
-    missing = [ln for ln in append.lines if ln.strip() not in present]
-    if not missing:
-        return text
-    if text and not text.endswith("\n"):
-        text += "\n"
-    if append.section:
-        headers = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("[")]
-        if not headers or headers[-1] != append.section:
-            text += f"\n{append.section}\n"
-    return text + "".join(ln + "\n" for ln in missing)
-
-
 def stamp(
     disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin, check_layout: bool = True
 ) -> list[WrittenFile]:
@@ -305,8 +261,6 @@ def _stamp_mounted(
     disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin
 ) -> list[WrittenFile]:
     where = disk.path
-    tar = TarBuilder()
-    written: list[WrittenFile] = []
 
     # identity: a new disk identifier; cmdline.txt (one line, FAT) and fstab follow it
     old_id, new_id = disk.disk_id(), node_disk_id(cluster_name, plan.hostname)
@@ -318,7 +272,7 @@ def _stamp_mounted(
     new_cmdline = with_kernel_words(replace_partuuids(cmdline, old_id, new_id, "cmdline.txt"))
     fstab = replace_partuuids(disk.read_text("/etc/fstab"), old_id, new_id, "/etc/fstab")
 
-    # accounts, in memory
+    # accounts, in memory: the first user becomes the admin, then the stages' users
     acc = Accounts(
         {
             p: t.decode("utf-8", "replace")
@@ -327,20 +281,12 @@ def _stamp_mounted(
         }
     )
     acc.rename_first_user(admin, where)
-    for u in plan.users:
-        acc.ensure_user(u, where)
+    w = Writes(disk, TarBuilder(), acc, plan)
+    tar = w.tar
 
-    def ids(owner: str, group: str) -> tuple[int, int]:
-        return acc.uid(owner, where), acc.gid(group, where)
-
-    # removals, disabled units, the admin's home moved (before anything is unpacked into it)
-    for pattern in plan.remove:
-        for gone in disk.remove_glob(pattern):
-            log.debug("%s: removed %s", where.name, gone)
-    for unit in plan.disable:
-        for d in disk.g.ls("/etc/systemd/system"):
-            if d.endswith((".wants", ".requires")):
-                disk.remove_glob(f"/etc/systemd/system/{d}/{unit}")
+    # the early actions (users, removals, disabled units), then the admin's home moved
+    # (before anything is unpacked into it)
+    write_all(w, early=True)
     for old, new in acc.home_moves:
         if disk.exists(old) and not disk.exists(new):
             disk.rename(old, new)
@@ -365,55 +311,17 @@ def _stamp_mounted(
             path, acc.texts[path].encode(), mode, 0, acc.gid(group, where) if group != "root" else 0
         )
 
-    for d in plan.dirs:
-        if not disk.on_boot(d.path):
-            tar.dir(d.path, d.mode, *ids(d.owner, d.group))
-    boot_writes: dict[str, bytes] = {CMDLINE: new_cmdline.encode()}
-    plan_files = {f.path: f for f in plan.files}
-    for f in plan.files:
-        if disk.on_boot(f.path):
-            boot_writes[f.path] = f.data
-        else:
-            tar.file(f.path, f.data, f.mode, *ids(f.owner, f.group))
-            parent = posixpath.dirname(f.path)
-            if f.owner != "root" and posixpath.basename(parent) == ".ssh":
-                tar.dir(parent, 0o700, *ids(f.owner, f.group))  # ~/.ssh belongs to its user, 0700
-        written.append(
-            WrittenFile(f.path, hashlib.sha256(f.data).hexdigest(), f.mode, f.owner, f.stage)
-        )
-        if not f.secret:
-            log.debug("%s: %s (%o %s)", where.name, f.path, f.mode, f.owner)
-    for a in plan.append:
-        if disk.on_boot(a.path):
-            current = boot_writes.get(a.path)
-            text = current.decode() if current is not None else disk.read_text(a.path)
-            boot_writes[a.path] = _append_lines(text, a).encode()
-        else:
-            if not disk.exists(a.path):
-                raise BuildError(
-                    f"{where}: cannot add lines to {a.path}: it does not exist in the image"
-                )
-            st = disk.stat(a.path)
-            tar.file(
-                a.path,
-                _append_lines(disk.read_text(a.path), a).encode(),
-                st["st_mode"] & 0o7777,
-                st["st_uid"],
-                st["st_gid"],
-            )
-    for lk in plan.links:
-        tar.symlink(lk.path, lk.target)
-    for unit in plan.enable:
-        _enable(disk, tar, unit, plan_files)
-    for unit in plan.mask:
-        tar.symlink(f"/etc/systemd/system/{unit}", "/dev/null")
+    # every other action (dirs, files, appended lines, links, units), over cmdline.txt's
+    # new line: a stage's own cmdline.txt or lines appended to it come after it
+    w.boot_writes[CMDLINE] = new_cmdline.encode()
+    write_all(w, early=False)
 
     disk.tar_in(tar.finish())
-    for path, data in boot_writes.items():
+    for path, data in w.boot_writes.items():
         disk.write_boot(path, data)
     disk.set_disk_id(new_id)
     log.debug("%s: disk identifier %s -> %s", where.name, old_id, new_id)
-    return written
+    return w.written
 
 
 CMDLINE = "/boot/firmware/cmdline.txt"
@@ -454,30 +362,3 @@ def first_boot_machine_id(current: bytes | None) -> bytes | None:
     if current is not None and _MACHINE_ID.match(current):
         return b"uninitialized\n"
     return None
-
-
-def _enable(disk: Disk, tar: TarBuilder, unit: str, plan_files: dict) -> None:
-    """What `systemctl enable` does, offline: links from the unit's [Install] section."""
-    template = re.sub(r"@[^.]+\.", "@.", unit) if "@" in unit else unit
-    path, text = None, None
-    for d in UNIT_DIRS:
-        p = f"{d}/{template}"
-        if p in plan_files:
-            path, text = p, plan_files[p].data.decode()
-            break
-    if path is None:
-        path = disk.unit_path(template)
-        if path is None:
-            raise BuildError(
-                f"{disk.path}: cannot enable {unit}: no unit file {template} in the image"
-            )
-        text = disk.read_text(path)
-    wanted, required, alias = _install_targets(text)
-    if not (wanted or required or alias):
-        raise BuildError(f"{disk.path}: {unit} has no [Install] section; it cannot be enabled")
-    for target in wanted:
-        tar.symlink(f"/etc/systemd/system/{target}.wants/{unit}", path)
-    for target in required:
-        tar.symlink(f"/etc/systemd/system/{target}.requires/{unit}", path)
-    for a in alias:
-        tar.symlink(f"/etc/systemd/system/{a}", path)

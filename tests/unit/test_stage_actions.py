@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from piimage import stages
+from piimage import actions, stages
 from piimage.errors import UserError
 from piimage.profiles import load_profile
 from piimage.stages import ACTIONS, discover, load_stage, plan_node
@@ -57,7 +57,13 @@ def problems(d: Path) -> str:
 def test_every_action_is_registered_once_with_its_keys():
     assert {a.key: a.allowed() for a in ACTIONS} == KEYS
     assert len({a.key for a in ACTIONS}) == len(ACTIONS)
-    assert set(stages.NodePlan.__dataclass_fields__) == {"hostname", "role", *KEYS}
+    # each writes its own entries into an image (the stamp knows no action by name) ...
+    assert all(a.write.__func__ is not actions.Action.write.__func__ for a in ACTIONS)
+    # ... and a plan has the entries of every one, by key
+    plan = plan_node([], CTX, hostname="n1", role="compute", secrets={})
+    assert set(plan.items) == set(KEYS) and all(getattr(plan, k) == () for k in KEYS)
+    with pytest.raises(AttributeError):
+        plan.nonsense  # noqa: B018
     assert stages.STAGE_KEYS == {"scope", "roles", "packages", "description", *KEYS}
 
 
