@@ -37,7 +37,7 @@ EXPECT = {
         "cmdline_tail": ["rootwait", "quiet", "init=/usr/lib/raspberrypi-sys-mods/firstboot"],
         "bootfs_extra": [],
         "machine_id": "",
-        "packages": ["fake-hwclock", "nfs-common"],
+        "packages": ["fake-hwclock", "nfs-common", "dphys-swapfile"],
         "not_packages": ["cloud-init"],
     },
     "trixie": {
@@ -48,7 +48,7 @@ EXPECT = {
         "bootfs_extra": ["user-data", "meta-data", "network-config"],
         "machine_id": "uninitialized\n",
         "packages": ["cloud-init"],
-        "not_packages": ["fake-hwclock", "nfs-common"],
+        "not_packages": ["fake-hwclock", "nfs-common", "dphys-swapfile"],
     },
 }
 
@@ -428,7 +428,8 @@ def test_first_boot_machinery(rootfs, suite):
 
 
 def test_services_and_clock(rootfs, suite):
-    # bookworm: journal in RAM, NFS client units off, fake-hwclock with a saved time (§1.3 6-7);
+    # bookworm: journal in RAM, NFS client units off, fake-hwclock with a saved time (§1.3 6-7),
+    # dphys-swapfile;
     # trixie: timesyncd's clock file owned by systemd-timesync, saved every 5 min (§1.4 step 8).
     if suite == "bookworm":
         journald = rootfs.cat("/etc/systemd/journald.conf").splitlines()
@@ -436,6 +437,10 @@ def test_services_and_clock(rootfs, suite):
         assert not rootfs.enabled_in("multi-user", "rpcbind.service")
         data = rootfs.cat("/etc/fake-hwclock.data").strip()
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", data), data
+        # a 512 MB swap file, made on the card at boot (pi-gen's 02-swap.diff)
+        assert "CONF_SWAPSIZE=512" in rootfs.cat("/etc/dphys-swapfile").splitlines()
+        assert rootfs.enabled_in("multi-user", "dphys-swapfile.service")
+        assert not rootfs.exists("/var/swap")
     else:
         clock = "/var/lib/systemd/timesync/clock"
         uid = next(

@@ -161,6 +161,7 @@ class FakeCluster:
             (r"\| sha256sum'?$", f"{self.seen_digest.get(st.name, '')}  -"),
             (r"^cd \S+ 2>/dev/null .*cat /var/log/slurm/jobcomp\.log", self.jobcomp),
             (r"sbatch --parsable --wait", self.oom_job),
+            (r"^awk '/\^SwapTotal:/", "511"),
             (r"^ssh-keyscan", f"ssh-ed25519 KEY-{st.name}"),
             (
                 r"ssh-keygen -F",
@@ -350,6 +351,8 @@ def test_first_boot_is_checked_where_the_image_has_first_boot_units(tmp_path):
 
 def test_containment_that_does_not_hold_is_named(tmp_path):
     fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    good = {(c.name, c.node): c for c in run_checks(fake.context())}["oom", "head"]
+    assert good.ok and "(swap 511 MiB)" in good.summary, good.summary
     fake.oom_job = "job 7 exit 0\nJobState=COMPLETED\nnode idle"  # the job was not limited
     fake.daemons = "inactive\nactive\nactive"
     results = {(c.name, c.node): c for c in run_checks(fake.context())}

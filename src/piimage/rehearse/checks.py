@@ -749,6 +749,10 @@ def oom(ctx: Context) -> None:
     )
     _, daemons = ctx.call(st, "systemctl is-active slurmd munge ssh")
     states = dict(zip(("slurmd", "munge", "ssh"), daemons.split()))
+    # the swap the node has (bookworm's dphys-swapfile makes 512 MB at boot): the job must not
+    # have escaped its limit into it (cgroup.conf's ConstrainSwapSpace)
+    _, swap = ctx.call(st, "awk '/^SwapTotal:/ {print int($2 / 1024)}' /proc/meminfo")
+    swap_mb = swap.strip() or "?"
     killed = "JobState=OUT_OF_MEMORY" in text
     if m := re.search(r"^job (\d+) exit", text, re.MULTILINE):
         ctx.facts.setdefault(JOBS, {})[m.group(1)] = "OUT_OF_MEMORY"
@@ -760,7 +764,7 @@ def oom(ctx: Context) -> None:
         ctx.head.name,
         ok,
         f"a job using {OOM_USE_MB} MiB with --mem={OOM_JOB_MB}M was killed out of memory on "
-        f"{node.hostname}; slurmd, munge, ssh stayed up and the node is idle"
+        f"{node.hostname} (swap {swap_mb} MiB); slurmd, munge, ssh stayed up and the node is idle"
         if ok
         else f"containment on {node.hostname}: "
         + "; ".join(
@@ -777,7 +781,7 @@ def oom(ctx: Context) -> None:
             )
             if bad
         ),
-        text + daemons,
+        text + daemons + f"SwapTotal {swap_mb} MiB\n",
         t0,
     )
 
