@@ -11,7 +11,9 @@ whatever happens: success, failure, Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import posixpath
 import re
 import shutil
 import signal
@@ -178,6 +180,75 @@ def _umount(mp: str) -> None:
             run(["umount", "-l", mp], check=False)
 
 
+ROOT_PREFIX = "piimage-root-"  # + "<pid>-": a chroot's mount point, under the temp dir
+_DEAD_ROOT = re.compile(rf"/{ROOT_PREFIX}(\d+)-[^/]+")
+_PARTIAL = re.compile(r"\.partial-(\d+)")
+
+
+def _dead(pid: str) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def stale_mounts(mounts_text: str) -> list[str]:
+    """Mount points (deepest first) of chroots whose build is gone: killed outright (SIGKILL,
+    a crash of the parent tools), it never reached its own teardown."""
+    found = []
+    for line in mounts_text.splitlines():
+        mp = line.split()[1].replace("\\040", " ") if len(line.split()) > 1 else ""
+        m = _DEAD_ROOT.search(mp)
+        if m and _dead(m.group(1)):
+            found.append(mp)
+    return sorted(found, key=lambda p: -p.count("/"))
+
+
+def stale_loops(losetup_text: str, final: Path) -> list[str]:
+    """Loop devices (`losetup -l -n -O NAME,BACK-FILE` lines) on a temporary file of `final`
+    made by another process (`.<name>.partial-<pid>`, fsutil.temp_name), deleted or not."""
+    found = []
+    for line in losetup_text.splitlines():
+        name, _, back = line.strip().partition(" ")
+        back = back.strip().removesuffix(" (deleted)")
+        m = _PARTIAL.fullmatch(posixpath.basename(back).removeprefix(f".{final.name}"))
+        if (
+            name.startswith("/dev/loop")
+            and m
+            and posixpath.dirname(back) == str(final.parent)
+            and m.group(1) != str(os.getpid())
+        ):
+            found.append(name)
+    return found
+
+
+def clean_stale_mounts() -> None:
+    """Unmount the chroots of builds killed outright (SIGKILL, a crash of the tools around
+    them), which never reached their own teardown: a leaked chroot keeps /proc, /sys and /dev
+    bound under /tmp and its loop device busy. Only this mount namespace's, by dead pid."""
+    for mp in stale_mounts(Path("/proc/self/mounts").read_text()):
+        log.warning("unmounting %s, left by a build that was killed", mp)
+        _umount(mp)
+    for d in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
+        m = _DEAD_ROOT.search("/" + d.name)
+        if m and _dead(m.group(1)) and not mounts_under(d):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def clean_stale_partials(final: Path) -> None:
+    """The temporary files of `final` that killed builds left, and the loop devices on them
+    (which keep a deleted file's blocks in use). Call it holding `final`'s build lock: then
+    every other process's temporary file of it is dead, whatever pid namespace it was in."""
+    final = final.resolve()
+    listed = run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], check=False)
+    for dev in stale_loops(listed.stdout if listed.returncode == 0 else "", final):
+        log.warning("detaching %s, left on a temporary %s by a killed build", dev, final.name)
+        disk.detach(dev)
+    for f in final.parent.glob(f".{final.name}.partial-*"):
+        if f.name != f".{final.name}.partial-{os.getpid()}":
+            log.warning("removing %s, left by a build that was killed", f.name)
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
 # The archives a Raspberry Pi OS image lists (pi-gen stage0/00-configure-apt: sources.list and
 # raspi.list on bookworm, debian.sources and raspi.sources on trixie), by the key of
 # cluster.yaml's `apt:` that replaces each for the build.
@@ -235,7 +306,8 @@ class Chroot:
 
     def _setup(self) -> None:
         part = disk.root_partition(self.image)
-        self.root = Path(tempfile.mkdtemp(prefix="piimage-root-"))
+        # the pid in the name lets a later build tell a dead build's mounts (clean_stale)
+        self.root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
         self._push(
             "remove mount point", lambda r=self.root: r.rmdir() if not mounts_under(r) else None
         )

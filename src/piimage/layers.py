@@ -106,6 +106,8 @@ def ensure_layers(
     for k in out:
         log.info("role layer %s: cached (%s)", wanted[k].role, out[k].name)
     todo = [k for k in wanted if k not in out]
+    if todo:
+        emulate.clean_stale_mounts()
     if len(todo) <= 1:
         for k in todo:
             out[k] = ensure_layer(
@@ -174,6 +176,7 @@ def ensure_layer(
         if final.exists():
             log.info("role layer %s: built by the other piimage (%s)", inputs.role, final.name)
             return final
+        emulate.clean_stale_partials(final)  # with the lock held, any other one's is dead
         return _build_locked(base, inputs, stages, final, apt_proxy, apt_mirrors, private_apt)
 
 

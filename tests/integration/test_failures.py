@@ -273,3 +273,43 @@ def test_ctrl_c_during_package_install(work):
     )
     assert rc == 130, err[-3000:]
     assert leftovers(tmp_path) == []
+
+
+def test_a_build_killed_outright_is_cleaned_up_by_the_next(work):
+    """SIGKILL to the whole build (the OOM killer, `docker kill`, a power cut short of the
+    disk) during the package install leaves its chroot mounted, a loop device on its temporary
+    layer and the file itself: nothing of piimage runs to undo them. The next build of that
+    layer unmounts, detaches and removes them before it builds, and leaves nothing either.
+    Costs a small layer (hello) built once and a half, ~2-3 min."""
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    # a layer of its own (headroom by pid), never cached, so apt really runs both times
+    _profiles(tmp_path, f"packages: [hello]\nheadroom_mb: {200 + os.getpid() % 100}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "piimage.cli", "build", "--hostname", "node01", "-v"],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,  # its own process group: the kill takes every tool with it
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "apt-get" in line:
+            time.sleep(3)
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    else:
+        pytest.fail("the build ended before apt-get: " + "".join(seen[-20:]))
+    proc.wait(timeout=60)
+    time.sleep(1)  # the kernel reaps the group's children
+    left = leftovers(tmp_path)
+    assert any(f.startswith("mount ") for f in left), left  # what the kill left: the test's
+    assert any(f.startswith("loop ") for f in left), left  # premise, else it proves nothing
+    r = run_piimage(["build", "--hostname", "node01", "--compress", "none"], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "left by a build that was killed" in r.stderr, r.stderr[-3000:]
+    assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []

@@ -1,7 +1,9 @@
-"""The advisory lock that keeps two piimage processes from building the same role layer twice."""
+"""The advisory lock that keeps two piimage processes from building the same role layer twice,
+and what builds killed outright leave behind (chroot mounts, loop devices on temporary layers)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from piimage import layers
+from piimage import emulate, layers
 from piimage.fsutil import Cancelled, exclusive
 
 
@@ -86,3 +88,43 @@ def test_a_layer_built_meanwhile_by_another_process_is_used(tmp_path, monkeypatc
     monkeypatch.setattr(layers, "_build_locked", must_not_build)
     assert layers.ensure_layer(None, inputs, []) == final
     proc.wait()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_a_killed_builds_chroot_mounts_are_found_deepest_first():
+    dead, live = _dead_pid(), os.getpid()
+    mounts = "".join(
+        f"{src} {mp} {fs} rw 0 0\n"
+        for src, mp, fs in (
+            ("/dev/loop3", f"/tmp/piimage-root-{dead}-ab12", "ext4"),
+            ("proc", f"/tmp/piimage-root-{dead}-ab12/proc", "proc"),
+            ("udev", f"/tmp/piimage-root-{dead}-ab12/dev/pts", "devpts"),
+            ("/dev/loop4", f"/tmp/piimage-root-{live}-cd34", "ext4"),  # a live build's
+            ("/dev/vda", "/", "ext4"),
+        )
+    )
+    assert emulate.stale_mounts(mounts) == [
+        f"/tmp/piimage-root-{dead}-ab12/dev/pts",
+        f"/tmp/piimage-root-{dead}-ab12/proc",
+        f"/tmp/piimage-root-{dead}-ab12",
+    ]
+
+
+def test_loop_devices_on_another_builds_temporary_layer_are_found(tmp_path):
+    final = tmp_path / "compute-0123456789abcdef.img"
+    other, ours = _dead_pid(), os.getpid()
+    listed = "\n".join(
+        (
+            f"/dev/loop1 {tmp_path}/.{final.name}.partial-{other} (deleted)",
+            f"/dev/loop2 {tmp_path}/.{final.name}.partial-{ours}",  # this build's own
+            f"/dev/loop3 {tmp_path}/.head-0123456789abcdef.img.partial-{other}",  # another layer
+            f"/dev/loop4 /cache/layers/.{final.name}.partial-{other}",  # another folder
+            f"/dev/loop5 {final}",  # the finished layer
+        )
+    )
+    assert emulate.stale_loops(listed, final) == ["/dev/loop1"]
