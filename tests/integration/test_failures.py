@@ -3,6 +3,7 @@ nothing left behind — no partial image, no mount, no loop device, no appliance
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -289,7 +290,6 @@ def test_a_build_killed_outright_is_cleaned_up_by_the_next(work):
         [sys.executable, "-m", "piimage.cli", "build", "--hostname", "node01", "-v"],
         env=env,
         cwd=tmp_path,
-        start_new_session=True,  # its own process group: the kill takes every tool with it
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -300,12 +300,12 @@ def test_a_build_killed_outright_is_cleaned_up_by_the_next(work):
         seen.append(line)
         if "apt-get" in line:
             time.sleep(3)
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
             break
     else:
         pytest.fail("the build ended before apt-get: " + "".join(seen[-20:]))
     proc.wait(timeout=60)
-    time.sleep(1)  # the kernel reaps the group's children
+    time.sleep(1)  # the kernel reaps the tree's processes
     left = leftovers(tmp_path)
     assert any(f.startswith("mount ") for f in left), left  # what the kill left: the test's
     assert any(f.startswith("loop ") for f in left), left  # premise, else it proves nothing
@@ -313,3 +313,33 @@ def test_a_build_killed_outright_is_cleaned_up_by_the_next(work):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "left by a build that was killed" in r.stderr, r.stderr[-3000:]
     assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL a process and everything under it at once, as the OOM killer or `docker kill`
+    would (piimage starts its tools in sessions of their own, so a process group is not
+    enough): the tree is stopped first, so nothing in it starts anything new, then killed."""
+    tree: set[int] = set()
+    for _ in range(5):
+        children: dict[int, list[int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(d))
+        todo, found = [root], set()
+        while todo:
+            pid = todo.pop()
+            found.add(pid)
+            todo += children.get(pid, [])
+        for pid in found - tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        if found <= tree:
+            break
+        tree |= found
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
