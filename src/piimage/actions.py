@@ -180,12 +180,20 @@ def _inside(files: Path, name: str, r: Renderer) -> Path:
     """A stage's template or source: a regular file inside its files/ folder (a stage cannot
     copy /etc/shadow, or ../../anything, into an image)."""
     path = files / name
-    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(files))
-    if os.path.isabs(name) or not real.is_relative_to(root):
+    try:
+        real, root = Path(os.path.realpath(path)), Path(os.path.realpath(files))
+        inside, is_file = real.is_relative_to(root), real.is_file()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        raise UserError(f"{r.where}: {name!r} cannot be a file name ({_why(e)})") from None
+    if os.path.isabs(name) or not inside:
         raise UserError(f"{r.where}: {name!r} is outside the stage's files/ folder")
-    if not real.is_file():
+    if not is_file:
         raise UserError(f"{r.where}: {name!r} is not a file in {files}")
     return path
+
+
+def _why(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,11 +345,14 @@ class File(Action):
             name = getattr(self, k)
             if name is None:
                 continue
-            real = Path(os.path.realpath(files / name))
-            if os.path.isabs(name) or not real.is_relative_to(os.path.realpath(files)):
-                problem((k,), f"{name!r} is outside the stage's files/ folder")
-            elif not real.is_file():
-                problem((k,), f"{files / name} does not exist")
+            try:
+                real = Path(os.path.realpath(files / name))
+                if os.path.isabs(name) or not real.is_relative_to(os.path.realpath(files)):
+                    problem((k,), f"{name!r} is outside the stage's files/ folder")
+                elif not real.is_file():
+                    problem((k,), f"{files / name} does not exist")
+            except (OSError, ValueError) as e:  # a name too long, a NUL byte
+                problem((k,), f"{name!r} cannot be a file name ({_why(e)})")
 
     def make(self, v: dict[str, Any], r: Renderer) -> RenderedFile:
         path = v["path"]

@@ -105,6 +105,14 @@ def cluster_keys(cluster: Cluster) -> ClusterKeys:
     )
 
 
+def stand_in_keys(cluster: Cluster) -> ClusterKeys:
+    """Keys of the right shape that are nobody's, for planning without the secrets directory
+    (`piimage check` renders every node's plan with them; nothing is generated or read)."""
+    pub = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    pair = KeyPair(b"not a key\n", pub)
+    return ClusterKeys(hosts={n.hostname: pair for n in cluster.nodes}, cluster_ssh=pair, munge=b"")
+
+
 def plan(
     cluster: Cluster,
     nodes: tuple[Node, ...],

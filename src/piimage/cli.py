@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import signal
 import sys
 from pathlib import Path
@@ -68,8 +69,34 @@ def handle_errors(fn):
     return wrapper
 
 
+# Secrets a user may have put in the wrong key, which a message quoting the value would echo:
+# crypt(3) password hashes, private keys (PEM or OpenSSH's, whole or just their body).
+_SECRET_SHAPES = (
+    (
+        re.compile(
+            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+            re.S,
+        ),
+        "<a private key, not shown>",
+    ),
+    (re.compile(r"b3BlbnNzaC1rZXktdjE[A-Za-z0-9+/=]*"), "<a private key, not shown>"),
+    (
+        re.compile(r"\$(?:1|2[abxy]?|5|6|y|gy|7|sha1|md5)\$[./A-Za-z0-9$=+-]{8,}"),
+        "<a password hash, not shown>",
+    ),
+)
+LINE_MAX = 400  # a longer line of a message (a quoted value of thousands of items) is cut
+
+
 def _printable(text: str) -> str:
-    """A message as the terminal may show it: control characters written as escapes."""
+    """A message as the terminal may show it: secrets replaced by what they are, over-long
+    lines cut, control characters written as escapes."""
+    for shape, said in _SECRET_SHAPES:
+        text = shape.sub(said, text)
+    text = "\n".join(
+        ln if len(ln) <= LINE_MAX else f"{ln[:300]}… ({len(ln) - 300} characters more)"
+        for ln in text.split("\n")
+    )
     return "".join(c if c.isprintable() or c == "\n" else f"\\x{ord(c):02x}" for c in text)
 
 
@@ -222,12 +249,16 @@ def init(directory, force, verbose, quiet):
 def check(inventory, verbose, quiet):
     """Validate the inventory and list its nodes (nothing is downloaded or written)."""
     _setup_logging(verbose, quiet)
+    from . import build
     from .settings import data_dir
     from .stages import discover
 
     cluster = _load_cluster(inventory)
     # the stages a build would use, yours included: a broken stage.yaml fails here, not later
     stages = discover([data_dir() / "stages", *cluster.stages])
+    # ... and every node's files rendered as a build renders them (templates, `when:`, paths),
+    # with stand-in keys: nothing is generated, read from the secrets directory or written
+    build.plan(cluster, cluster.nodes, keys=build.stand_in_keys(cluster), out_dir=Path("out"))
     click.echo(f"cluster {cluster.name}: {len(cluster.nodes)} nodes, base {cluster.base}")
     for n in cluster.nodes:
         click.echo(f"  {n.hostname:<16} {n.role:<10} {n.ip}")

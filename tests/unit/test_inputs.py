@@ -137,3 +137,26 @@ def test_a_secrets_dir_every_user_can_write_is_refused(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["check"])
     assert r.exit_code == 2
     assert f"cluster.yaml:2: secrets_dir: {shared} is writable by every user" in r.output
+
+
+def test_check_renders_what_a_build_would_render(tmp_path, monkeypatch):
+    """`check` plans every node as `build` does (stand-in keys, nothing written): a stage that
+    would fail at render time fails `check`, and a cluster of a head alone renders (the
+    example jobs once failed on it: `min` of no compute nodes)."""
+    _tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    inv = tmp_path / "cluster.yaml"
+    inv.write_text(GOOD.split("  - {hostname: node01")[0])
+    r = CliRunner().invoke(main, ["check"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / ".piimage").exists() and not (tmp_path / "out").exists()
+    stage = tmp_path / "mystages" / "90-extra"
+    (stage / "files").mkdir()
+    (stage / "files" / "t.j2").write_text("{{ no_such_thing.x }}\n")
+    (stage / "stage.yaml").write_text(
+        "scope: node\nroles: [all]\nfiles:\n  - {path: /etc/x, template: t.j2}\n"
+    )
+    r = CliRunner().invoke(main, ["check"])
+    assert r.exit_code == 2, r.output
+    assert "90-extra/stage.yaml:4: files[0]" in r.output and "no_such_thing" in r.output
