@@ -18,25 +18,55 @@ if TYPE_CHECKING:
 
 
 def _probe(r: Rehearsal, st: NodeState) -> dict[str, str]:
+    """What the node has reached, asking only for what is still missing: every process a
+    probe starts is emulated, and the probes run all through the boots they wait for (a full
+    probe was ~25 processes a node every few seconds). Until the node has booted, only its
+    system state; then its role units in one systemctl call, its address and shared mount
+    until they are there, and the head's sinfo until every compute node is idle."""
     shared = shlex.quote(r.cluster.shared.path)
-    script = [
-        "echo state=$(systemctl is-system-running 2>/dev/null)",
-        "echo failed=$(systemctl list-units --state=failed --plain --no-legend 2>/dev/null"
-        " | awk '{print $1}' | tr '\\n' ' ')",
-        "echo hostname=$(hostname)",
-        "echo addr=$(ip -4 -o addr show 2>/dev/null | awk '{print $4}' | tr '\\n' ' ')",
-    ]
-    for u in role_units(st.node):
-        script.append(f"echo unit.{u}=$(systemctl is-active {u} 2>/dev/null)")
-    if st.node is not r.head:
-        script.append(
-            f"timeout 20 ls {shared} >/dev/null 2>&1; "
-            f"echo mount=$(findmnt -n -o FSTYPE {shared} | tr '\\n' ' ')"
-        )
-    if st.node is r.head:
-        script.append("echo sinfo=$(timeout 20 sinfo -h -N -o '%N:%T' 2>/dev/null | tr '\\n' ' ')")
+    state = (
+        "s=$(systemctl is-system-running 2>/dev/null); echo state=$s; case $s in "
+        "degraded|maintenance) echo failed=$(systemctl list-units --state=failed --plain "
+        "--no-legend 2>/dev/null | awk '{print $1}' | tr '\\n' ' ');; esac"
+    )
+    script = [state]
+    if st.boot_s is not None:
+        script.append("echo hostname=$HOSTNAME")
+        units = _units_left(st)
+        if units:
+            script.append(
+                f"echo units=$(systemctl is-active {' '.join(units)} 2>/dev/null | tr '\\n' ' ')"
+            )
+        if "address" not in st.done:
+            script.append(
+                "echo addr=$(ip -4 -o addr show 2>/dev/null | awk '{print $4}' | tr '\\n' ' ')"
+            )
+        if st.node is not r.head and "mount" not in st.done:
+            script.append(
+                f"timeout 20 ls {shared} >/dev/null 2>&1; "
+                f"echo mount=$(findmnt -n -o FSTYPE {shared} | tr '\\n' ' ')"
+            )
+        if st.node is r.head:
+            script.append(
+                "echo sinfo=$(timeout 20 sinfo -h -N -o '%N:%T' 2>/dev/null | tr '\\n' ' ')"
+            )
     _, out = st.agent.call("\n".join(script), timeout=120)
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    probe = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    if st.boot_s is not None and (units := _units_left(st)):
+        probe |= {f"unit.{u}": v for u, v in zip(units, probe.get("units", "").split())}
+    return probe
+
+
+def _units_left(st: NodeState) -> list[str]:
+    """The node's role units not yet seen up or failed."""
+    return [u for u in role_units(st.node) if u not in st.done and u + "-failed" not in st.done]
+
+
+def _complete(r: Rehearsal, st: NodeState) -> bool:
+    """Nothing more to wait for on this node (the head: its sinfo is asked all along)."""
+    if st.node is r.head or st.failed or st.boot_s is None:
+        return False
+    return not _units_left(st) and {"address", "mount"} <= st.done
 
 
 def _milestone(r: Rehearsal, st: NodeState, key: str, text: str) -> None:
@@ -54,7 +84,7 @@ def wait_ready(r: Rehearsal) -> float | None:
     grace = 90  # once every service is up or failed: how long sinfo may take to agree
     while time.monotonic() < deadline:
         for st in r.states.values():
-            if not r.alive(st):
+            if not r.alive(st) or _complete(r, st):
                 continue
             try:
                 probe = _probe(r, st)
@@ -73,13 +103,13 @@ def wait_ready(r: Rehearsal) -> float | None:
                 # emergency or rescue mode: nothing more will start on this node
                 st.failed = f"in emergency mode; {_failed_units_text(probe)}"
                 log.info("%s: %s", st.name, st.failed)
-            if probe.get("hostname") != st.name and "hostname" not in st.done:
+            if "hostname" in probe and probe["hostname"] != st.name and "hostname" not in st.done:
                 st.done.add("hostname")
                 log.info("%s: reports hostname %r", st.name, probe.get("hostname"))
             if str(st.node.ip) in probe.get("addr", "").replace("/", " ").split():
                 _milestone(r, st, "address", f"has address {st.node.ip}")
             for u in role_units(st.node):
-                state = probe.get(f"unit.{u}", "")
+                state = probe.get(f"unit.{u}", "")  # asked only while not yet up or failed
                 if state == "active":
                     _milestone(r, st, u, f"{u} up")
                 elif state == "failed":
