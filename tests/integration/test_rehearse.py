@@ -295,8 +295,13 @@ def test_rehearsal_of_a_working_cluster(rehearsal):
     for node in ("node01", "node02"):
         for name in ("munge", "shared", "ssh"):
             assert checks[(name, node)]["ok"], checks[(name, node)]
-    for name in ("srun", "mpi", "oom", "examples", "history", "mpirun"):
+    for name in ("srun", "mpi", "oom", "examples", "history", "mpirun", "hostfile"):
         assert checks[(name, "head")]["ok"], checks[(name, "head")]
+    # a plain mpirun with no --hostfile maps onto every node of the cluster's hostfile (Open
+    # MPI 4's or PRRTE's default hostfile, by release)
+    assert checks[("hostfile", "head")]["summary"].startswith(
+        "a plain mpirun maps onto node01 node02 node03"
+    ), checks[("hostfile", "head")]
     # the example jobs ran on both good compute nodes, one rank per core, and the completion
     # log lists them and the out-of-memory job with their states
     assert re.match(

@@ -64,6 +64,7 @@ class FakeCluster:
         self.token = ""  # what the shared check wrote
         self.first_boot = "none"  # no rpi-resize.service: an image like bookworm's
         self.oom_job = "job 7 exit 0\nJobState=OUT_OF_MEMORY\nnode idle"  # the containment job
+        self.hostfile_map = ["node01", "node02"]  # what a plain mpirun maps onto
         self.daemons = "active\nactive\nactive"  # slurmd, munge, ssh on its node afterwards
         self.digest = "d1"  # of the example jobs' results, on the head
         self.seen_digest = {"node01": "d1", "node02": "d1"}  # … and as a compute node reads them
@@ -108,6 +109,7 @@ class FakeCluster:
             shared=NS(path="/srv/shared", device_uuid=None),
             cluster_user=NS(name="mpi", home="/home/mpi"),
             admin=NS(name="admin"),
+            job_nodes=tuple(nodes[1:]),  # the cluster's hostfile lists these
         )
 
     def context(self) -> Context:
@@ -162,6 +164,10 @@ class FakeCluster:
             (r"^cd \S+ 2>/dev/null .*cat /var/log/slurm/jobcomp\.log", self.jobcomp),
             (r"sbatch --parsable --wait", self.oom_job),
             (r"^awk '/\^SwapTotal:/", "511"),
+            (
+                r"--do-not-launch",
+                "".join(f" Data for node: {n}\tNum slots: 4\n" for n in self.hostfile_map),
+            ),
             (r"^ssh-keyscan", f"ssh-ed25519 KEY-{st.name}"),
             (
                 r"ssh-keygen -F",
@@ -196,7 +202,7 @@ def test_every_check_runs_in_report_order_when_all_is_well(tmp_path):
         + ["sinfo head", "srun head", "shared node01", "shared node02", "mpi head", "oom head"]
         + ["examples head", "history head"]
         + ["hostkey head", "hostkey node01", "hostkey node02", "ssh node01", "ssh node02"]
-        + ["mpirun head"]
+        + ["mpirun head", "hostfile head"]
     )
     # what the checks left in the shared directory goes, in one command, at the end
     assert fake.calls[-1] == (
@@ -218,6 +224,7 @@ def test_no_idle_node_reports_both_jobs_not_run_where_srun_stands(tmp_path):
         "oom head",
         "shared node01",
         "shared node02",
+        "hostfile head",  # only mapped, so it needs no idle node
     ]
     for c in results[i + 1 : i + 4]:
         assert not c.ok and c.summary == "not run: node01 is down*; node02 is drain"
@@ -333,6 +340,7 @@ def test_registry_names_the_checks_of_the_report_in_order():
         "hostkey",
         "ssh",
         "mpirun",
+        "hostfile",
     ]
 
 
@@ -347,6 +355,20 @@ def test_first_boot_is_checked_where_the_image_has_first_boot_units(tmp_path):
     bad = [c for c in run_checks(fake.context()) if c.name == "firstboot"]
     assert bad and not any(c.ok for c in bad)
     assert "was not a first boot" in bad[0].summary and "uninitialized" in bad[0].summary
+
+
+def test_a_plain_mpirun_must_map_onto_the_clusters_hostfile(tmp_path):
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    good = {(c.name, c.node): c for c in run_checks(fake.context())}["hostfile", "head"]
+    assert good.ok and good.summary.startswith("a plain mpirun maps onto node01 node02"), good
+    script = next(s for _, s in fake.calls if "--do-not-launch" in s)
+    assert "--hostfile" not in script and "-np 2" in script
+    fake.hostfile_map = ["localhost"]  # the package's own default hostfile: one slot, here
+    bad = {(c.name, c.node): c for c in run_checks(fake.context())}["hostfile", "head"]
+    assert not bad.ok
+    assert bad.summary == (
+        "a plain mpirun (no --hostfile) maps onto localhost, not the cluster's node01 node02"
+    )
 
 
 def test_containment_that_does_not_hold_is_named(tmp_path):

@@ -1036,6 +1036,38 @@ def mpirun(ctx: Context) -> None:
     )
 
 
+@cluster_check("hostfile", HEAD_BOOTED)
+def default_hostfile(ctx: Context) -> None:
+    """A plain `mpirun` on the head, no --hostfile, maps onto the cluster's nodes: the default
+    hostfile is the cluster's for the Open MPI of the release (4 on bookworm reads
+    openmpi-default-hostfile, 5 on trixie PRRTE's prte-default-hostfile). Mapped only
+    (--do-not-launch), so a node that is down does not decide it."""
+    want = [n.hostname for n in ctx.cluster.job_nodes]
+    t0 = time.monotonic()
+    rc, text = ctx.call(
+        ctx.head,
+        ctx.as_user(
+            'case "$(mpirun --version 2>&1 | head -n1)" in *") 4."*) show=--display-map;; '
+            '*) show="--display map";; esac; '
+            f"timeout 120 mpirun $show --do-not-launch -np {len(want)} --map-by ppr:1:node true"
+        ),
+        timeout=180,
+    )
+    mapped = re.findall(r"^\s*Data for node: (\S+)", text, re.MULTILINE)
+    ok = bool(want) and mapped == want
+    ctx.add(
+        "hostfile",
+        ctx.head.name,
+        ok,
+        f"a plain mpirun maps onto {' '.join(mapped)}: the cluster's hostfile"
+        if ok
+        else f"a plain mpirun (no --hostfile) maps onto {' '.join(mapped) or 'nothing'}, "
+        f"not the cluster's {' '.join(want)}",
+        text,
+        t0,
+    )
+
+
 CHECKS: tuple[Round | ClusterCheck, ...] = (
     Round(boot, hostname, address, services),
     Round(units, enablement, root, firstboot, login, memcg),
@@ -1051,6 +1083,7 @@ CHECKS: tuple[Round | ClusterCheck, ...] = (
     hostkey,
     ssh,
     mpirun,
+    default_hostfile,
 )
 
 
