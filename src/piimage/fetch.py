@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import BuildError, ChecksumError, UserError
-from .fsutil import CHUNK, atomic_path, sha256_file, write_atomic
+from .fsutil import CHUNK, atomic_path, damage, fingerprint, sha256_file, write_atomic
 from .log import log, progress
 
 IMAGER_NAMES = {
@@ -209,8 +209,9 @@ def _download(url: str, expected: str, cache: Path) -> Path:
     return final
 
 
-def _decompress(src: Path, dest: Path, expected_raw: str | None) -> None:
-    """xz → sparse raw image, once, atomically; verified against extract_sha256 when known."""
+def _decompress(src: Path, dest: Path, expected_raw: str | None) -> str:
+    """xz → sparse raw image, once, atomically; verified against extract_sha256 when known.
+    Returns the raw image's SHA-256."""
     with atomic_path(dest) as tmp:
         h = hashlib.sha256()
         size = src.stat().st_size
@@ -237,6 +238,7 @@ def _decompress(src: Path, dest: Path, expected_raw: str | None) -> None:
                 f"{src.name}: decompressed image has sha256 {h.hexdigest()}, "
                 f"the image list says {expected_raw}"
             )
+    return h.hexdigest()
 
 
 def _local_digest(path: Path, cache: Path) -> str:
@@ -252,6 +254,34 @@ def _local_digest(path: Path, cache: Path) -> str:
             known[key] = sha256_file(path, p)
         write_atomic(index, json.dumps(known, indent=1))
     return known[key]
+
+
+def _cached_raw(raw: Path, name: str) -> bool:
+    """The decompressed base is in the cache and is what it was made as (its info.json holds
+    its fingerprint); a damaged one is said so and removed, to be made again from the
+    download (verified again itself) or fetched anew."""
+    if not raw.exists():
+        return False
+    try:
+        made = json.loads((raw.parent / "info.json").read_text()).get("image")
+    except (OSError, ValueError, AttributeError):
+        made = None
+    problem = damage(raw, made)
+    if problem is None:
+        return True
+    log.warning("base image %s: the cached %s %s; making it again", name, raw, problem)
+    raw.unlink()
+    for xz in raw.parent.glob("*.xz"):
+        # the download it came from: checked against its published SHA-256 before reuse
+        if sha256_file(xz) != raw.parent.name:
+            log.warning("base image %s: the cached download %s is damaged too", name, xz.name)
+            xz.unlink()
+    return False
+
+
+def _write_info(raw: Path, info: dict, raw_sha256: str | None) -> None:
+    made = fingerprint(raw, raw_sha256)
+    write_atomic(raw.parent / "info.json", json.dumps({**info, "image": made}, indent=2))
 
 
 def fetch_base(
@@ -290,24 +320,22 @@ def fetch_base(
         if path.name.endswith(".img"):
             return BaseImage(path.name, str(path), digest, path, path.stat().st_size)
         raw = cache / "images" / digest / "image.img"
-        if not raw.exists():
-            _decompress(path, raw, None)
+        if not _cached_raw(raw, path.name):
+            raw_sha = _decompress(path, raw, None)
+            _write_info(raw, {"name": path.name, "source": str(path), "sha256": digest}, raw_sha)
         return BaseImage(path.name, str(path), digest, raw, raw.stat().st_size)
 
     entry = cache / "images" / expected
     raw = entry / "image.img"
-    if not raw.exists():
+    if not _cached_raw(raw, name):
         downloaded = _download(url, expected, cache)
         if downloaded.name.endswith(".xz"):
-            _decompress(downloaded, raw, extract_sha)
+            raw_sha = _decompress(downloaded, raw, extract_sha)
         else:
             os.replace(downloaded, raw)
-        write_atomic(
-            entry / "info.json",
-            json.dumps(
-                {"name": name, "source": url, "sha256": expected, "release_date": release}, indent=2
-            ),
-        )
+            raw_sha = expected
+        info = {"name": name, "source": url, "sha256": expected, "release_date": release}
+        _write_info(raw, info, raw_sha)
     else:
         log.info("base image %s: cached", name)
     # the source as published, not the mirror it was fetched from (manifest, lock)

@@ -24,6 +24,27 @@ def sha256_file(path: Path, progress=None) -> str:
     return h.hexdigest()
 
 
+def fingerprint(path: Path, sha256: str | None = None) -> dict:
+    """What a cache entry was when it was made: size, modification time, SHA-256 (given when
+    the maker already computed it while writing)."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256 or sha256_file(path)}
+
+
+def damage(path: Path, made: dict | None) -> str | None:
+    """How a cache entry differs from its fingerprint (None: it does not). A changed size is
+    seen at once; a changed modification time costs one SHA-256 of the file, which decides.
+    An entry without a fingerprint counts as damaged: nothing says what it should be."""
+    if not made or not {"size", "mtime_ns", "sha256"} <= set(made):
+        return "has no record of what it should be"
+    st = path.stat()
+    if st.st_size != made["size"]:
+        return f"is {st.st_size} bytes, not the {made['size']} it was made with"
+    if st.st_mtime_ns != made["mtime_ns"] and sha256_file(path) != made["sha256"]:
+        return "was changed after it was made (its SHA-256 differs)"
+    return None
+
+
 def temp_name(final: Path) -> Path:
     """A hidden sibling name for building `final` in place before an os.replace."""
     return final.with_name(f".{final.name}.partial-{os.getpid()}")

@@ -19,13 +19,14 @@ from pathlib import Path
 
 from . import disk, emulate, settings
 from .fetch import BaseImage
-from .fsutil import atomic_path, exclusive, write_atomic
+from .fsutil import atomic_path, damage, exclusive, fingerprint, write_atomic
 from .log import log
 from .profiles import Profile
 from .run import run, terminate_all
 from .stages import Stage
 
-LAYER_FORMAT = 3  # bump when the way layers are made changes (3: installed packages recorded)
+LAYER_FORMAT = 4  # bump when the way layers are made changes (3: installed packages recorded,
+# 4: the image's fingerprint, checked before each use)
 FREE_AFTER_PACKAGES = 384 << 20  # free space left in a layer's root after its packages
 
 
@@ -102,7 +103,7 @@ def ensure_layers(
     built are built side by side, one per core: apt under user emulation runs one emulated
     dpkg at a time, so a head and a compute layer take the time of the longer one. If one
     fails or the build is interrupted, the others are stopped and cleaned up too."""
-    out = {k: layer_path(i) for k, i in wanted.items() if layer_path(i).exists()}
+    out = {k: layer_path(i) for k, i in wanted.items() if _cached(layer_path(i), i.role)}
     for k in out:
         log.info("role layer %s: cached (%s)", wanted[k].role, out[k].name)
     todo = [k for k in wanted if k not in out]
@@ -161,7 +162,7 @@ def ensure_layer(
     Another piimage building the same layer at the same time (two builds on one machine,
     say) is waited for, and its layer used, rather than built twice."""
     final = layer_path(inputs)
-    if final.exists():
+    if _cached(final, inputs.role):
         log.info("role layer %s: cached (%s)", inputs.role, final.name)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,7 @@ def ensure_layer(
         ),
         cancelled=stopping.is_set if stopping is not None else None,
     ):
-        if final.exists():
+        if _cached(final, inputs.role):
             log.info("role layer %s: built by the other piimage (%s)", inputs.role, final.name)
             return final
         emulate.clean_stale_partials(final)  # with the lock held, any other one's is dead
@@ -257,7 +258,9 @@ def _build_layer(
             # the headroom was for apt; what is left of it is not flashed (first boot grows
             # the root)
             disk.shrink_image(tmp, FREE_AFTER_PACKAGES)
-        # the description first: whoever sees the layer finds it described
+        # the description first: whoever sees the layer finds it described, and what it
+        # must be (a later build checks it before use: damage())
+        image = fingerprint(tmp)
         write_atomic(
             final.with_suffix(".json"),
             json.dumps(
@@ -268,6 +271,7 @@ def _build_layer(
                     "base_sha256": inputs.base_sha256,
                     "release": release,
                     "installed": installed,
+                    "image": image,
                     "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "seconds": round(time.monotonic() - t0, 1),
                 },
@@ -295,6 +299,20 @@ def os_release_codename(text: str) -> str | None:
         if ln.startswith("VERSION_CODENAME="):
             return ln.split("=", 1)[1].strip().strip('"') or None
     return None
+
+
+def _cached(final: Path, role: str) -> bool:
+    """The layer is in the cache and is what it was made as; a damaged one (cut short, changed,
+    its description gone) is said so and removed, to be built again."""
+    if not final.exists():
+        return False
+    problem = damage(final, layer_info(final).get("image"))
+    if problem is None:
+        return True
+    log.warning("role layer %s: the cached %s %s; building it again", role, final.name, problem)
+    for p in (final, final.with_suffix(".json")):
+        p.unlink(missing_ok=True)
+    return False
 
 
 def layer_info(layer: Path) -> dict:

@@ -3,6 +3,7 @@ and what builds killed outright leave behind (chroot mounts, loop devices on tem
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from piimage import emulate, layers
-from piimage.fsutil import Cancelled, exclusive
+from piimage.fsutil import Cancelled, exclusive, fingerprint
 
 
 def _holder(lock: Path, seconds: float) -> subprocess.Popen:
@@ -79,6 +80,7 @@ def test_a_layer_built_meanwhile_by_another_process_is_used(tmp_path, monkeypatc
     def built_by_the_other():
         time.sleep(0.3)
         final.write_bytes(b"layer")
+        final.with_suffix(".json").write_text(json.dumps({"image": fingerprint(final)}))
 
     threading.Thread(target=built_by_the_other).start()
 
@@ -128,3 +130,38 @@ def test_loop_devices_on_another_builds_temporary_layer_are_found(tmp_path):
         )
     )
     assert emulate.stale_loops(listed, final) == ["/dev/loop1"]
+
+
+@pytest.mark.parametrize("harm", ["cut short", "changed", "description lost"])
+def test_a_damaged_cached_layer_is_said_and_built_again(tmp_path, monkeypatch, caplog, harm):
+    monkeypatch.setattr(layers, "layer_dir", lambda: tmp_path)
+    inputs = layers.LayerInputs("compute", "0" * 64, ("slurmd",), 512, ())
+    final = layers.layer_path(inputs)
+    final.write_bytes(b"a layer of some bytes")
+    final.with_suffix(".json").write_text(json.dumps({"image": fingerprint(final)}))
+    assert layers.ensure_layer(None, inputs, []) == final  # whole: used as it is
+    if harm == "cut short":
+        final.write_bytes(b"a layer")
+    elif harm == "changed":
+        final.write_bytes(b"a layer of other bytes")  # the same size, a new mtime and digest
+    else:
+        final.with_suffix(".json").unlink()
+    built = []
+    monkeypatch.setattr(layers, "_build_locked", lambda *a, **k: built.append(a[3]) or a[3])
+    assert layers.ensure_layer(None, inputs, []) == final
+    assert built == [final] and not final.exists()  # removed, then (here: not) built anew
+    assert f"the cached {final.name}" in caplog.text and "building it again" in caplog.text
+
+
+def test_a_damaged_cached_base_is_made_again(tmp_path, caplog):
+    from piimage import fetch
+
+    raw = tmp_path / ("ab" * 32) / "image.img"
+    raw.parent.mkdir()
+    raw.write_bytes(b"raw image")
+    fetch._write_info(raw, {"name": "base"}, None)
+    assert fetch._cached_raw(raw, "base")
+    with open(raw, "r+b") as f:
+        f.write(b"RAW")  # same size, changed in place
+    assert not fetch._cached_raw(raw, "base") and not raw.exists()
+    assert "was changed after it was made" in caplog.text
