@@ -70,10 +70,12 @@ def test_head_that_runs_jobs_gets_slurmd(tmp_path):
 def test_missing_layers_are_built_side_by_side_and_cached_ones_kept(tmp_path, monkeypatch):
     """ensure_layers builds the layers it lacks at the same time (one per core) and takes the
     others from the cache; each concurrent build gets a private apt archive."""
+    import json
     import threading
     import time
 
     from piimage import layers
+    from piimage.fsutil import fingerprint
 
     monkeypatch.setattr(layers.os, "cpu_count", lambda: 2)
     monkeypatch.setenv("PIIMAGE_LAYER_CACHE", str(tmp_path / "layers"))
@@ -82,6 +84,7 @@ def test_missing_layers_are_built_side_by_side_and_cached_ones_kept(tmp_path, mo
     wanted = {i.key(): i for i in (mk("head"), mk("compute"), mk("login"))}
     cached = layers.layer_path(mk("login"))
     cached.write_bytes(b"")
+    cached.with_suffix(".json").write_text(json.dumps({"image": fingerprint(cached)}))
     running, peak, calls = set(), [0], []
     lock = threading.Lock()
 
