@@ -343,3 +343,28 @@ def _kill_tree(root: int) -> None:
     for pid in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_damaged_cache_entries_are_found_and_made_again(work):
+    """A decompressed base cut short and a role layer changed in place (a disk error, a
+    half-finished copy of the cache) are found before use, said, made again, and the build
+    that finds them succeeds. A layer of its own (no packages, headroom by pid); ~2 min."""
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    _profiles(tmp_path, f"packages: []\nheadroom_mb: {300 + os.getpid() % 100}\n")
+    args = ["build", "--hostname", "node01", "--compress", "none"]
+    r = run_piimage(args, env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (raw,) = (tmp_path / "cache" / "images").glob("*/image.img")
+    with open(raw, "r+b") as f:
+        f.truncate(raw.stat().st_size - 4096)
+    manifest = json.loads((tmp_path / "out" / "failing" / "manifest.json").read_text())
+    layer = PERSISTENT_CACHE / "layers" / manifest["nodes"]["node01"]["role_layer"]
+    with open(layer, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\xff" * 512)
+    r = run_piimage(args, env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "base image" in r.stderr and "making it again" in r.stderr, r.stderr[-3000:]
+    assert f"the cached {layer.name} was changed after it was made" in r.stderr, r.stderr[-3000:]
+    assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
