@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,17 +41,25 @@ nodes:
 
 
 def piimage(
-    args: list[str], env: dict, cwd: Path, check_rc: int | None = 0
+    args: list[str],
+    env: dict,
+    cwd: Path,
+    check_rc: int | None = 0,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess:
+    """Run piimage to its end; `on_line` sees each line of its log as it comes."""
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "piimage.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
+    if on_line is None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "piimage.cli", *args],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+    else:
+        proc = _streamed(args, env, cwd, on_line)
     record_piimage(args, proc.stderr, time.monotonic() - t0, t0)
     if check_rc is not None and proc.returncode != check_rc:
         pytest.fail(
@@ -58,6 +67,38 @@ def piimage(
             f"{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def _streamed(args, env, cwd, on_line) -> subprocess.CompletedProcess:
+    import threading
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "piimage.cli", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err: list[str] = []
+
+    def read_log() -> None:
+        assert p.stderr is not None
+        for line in p.stderr:
+            err.append(line)
+            on_line(line)
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    assert p.stdout is not None
+    out = p.stdout.read()  # to its end: the log is read beside it, so neither pipe fills up
+    try:
+        p.wait(timeout=3600)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    reader.join(timeout=60)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, "".join(err))
 
 
 def pubkey(env) -> str:

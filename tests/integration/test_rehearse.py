@@ -175,33 +175,46 @@ def rehearsal(request, env, tmp_path_factory):
     os.link(bad / "node03.img", mixed / "node03.img")
     images = {h: mixed / f"{h}.img" for h in (*GOOD, "node03")}
     before = {h: _sha(p) for h, p in images.items()}
-    # One rehearsal on the machine at a time: the two lanes' four-VM clusters booting side by
-    # side on two cores made the boots take ~950 s and D-Bus calls inside the guests time out
-    # (nm-online: "timeout creating NMClient object"), a load no Pi sees. --timeout: the wait
-    # for the cluster, raised from 1200 s for a host that is busy with the other lane's builds;
-    # a passing run ends when every node has settled, so it costs nothing then.
-    with one_rehearsal_at_a_time():
-        proc = _rehearse(good_dir, mixed, env)
+    # One cluster booting on the machine at a time: the two lanes' four-VM clusters booting
+    # side by side on two cores made the boots take ~950 s and D-Bus calls inside the guests
+    # time out (nm-online: "timeout creating NMClient object"), a load no Pi sees. Once this
+    # one runs its checks (jobs, mostly waiting: a rehearsal alone kept the two cores ~65 %
+    # busy), the other lane's cluster may boot. --timeout: the wait for the cluster, raised
+    # from 1200 s for a host that is busy with the other lane's builds; a passing run ends
+    # when every node has settled, so it costs nothing then.
+    with one_boot_at_a_time() as release:
+        proc = _rehearse(
+            good_dir, mixed, env, on_line=lambda ln: "running the checks" in ln and release()
+        )
     after = {h: _sha(p) for h, p in images.items()}
     return _outcome(suite, proc, mixed, before, after)
 
 
 @contextmanager
-def one_rehearsal_at_a_time():
-    """An flock shared by every pytest worker on the machine; the wait goes into the phases."""
+def one_boot_at_a_time():
+    """An flock shared by every pytest worker on the machine, held from power-on until the
+    rehearsal starts its checks (the `release` it yields, or the end of the block); the wait
+    goes into the phases."""
     with open(Path(tempfile.gettempdir()) / "piimage-tests-rehearsal.lock", "a") as f:
         t0 = time.monotonic()
         fcntl.flock(f, fcntl.LOCK_EX)
         waited = time.monotonic() - t0
         if waited > 1:
-            record("waiting for the other lane's rehearsal", waited, t0)
+            record("waiting for the other lane's cluster to boot", waited, t0)
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                fcntl.flock(f, fcntl.LOCK_UN)
+
         try:
-            yield
+            yield release
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            release()
 
 
-def _rehearse(good_dir: Path, mixed: Path, env) -> subprocess.CompletedProcess:
+def _rehearse(good_dir: Path, mixed: Path, env, on_line=None) -> subprocess.CompletedProcess:
     return piimage(
         [
             "rehearse",
@@ -216,6 +229,7 @@ def _rehearse(good_dir: Path, mixed: Path, env) -> subprocess.CompletedProcess:
         env,
         good_dir,
         check_rc=None,
+        on_line=on_line,
     )
 
 

@@ -162,6 +162,7 @@ def rehearse(
             try:
                 r.boot(hub)
                 report.ready_seconds = r.wait_ready()
+                log.info("running the checks (%.0f s after power-on)", r.elapsed())
                 report.checks = r.checks()
             finally:
                 r.teardown()
