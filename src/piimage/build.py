@@ -6,6 +6,7 @@ fetch the base image, stamp every node in one libguestfs launch, and publish the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 from . import fetch, lock, render, settings
 from .disk import overlay as cow_overlay
 from .errors import BuildError, UserError
+from .fsutil import exclusive
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
 from .keys import KeyPair, cluster_ssh_key, munge_key, node_host_key
@@ -317,15 +319,33 @@ def _remove_stale_derivatives(image: Path) -> None:
 
 
 def execute(bp: BuildPlan) -> list[Path]:
-    t0 = time.monotonic()
+    """Build the plan: one build at a time for an output folder and for a cluster's lock file
+    (another piimage on them is waited for, so neither loses what the other writes into
+    manifest.json, SHA256SUMS or piimage.lock); role layers are shared and locked each."""
     lockfile = lock.lock_path(bp.cluster.source)
+    out = bp.out_dir / bp.cluster.name
+    with ExitStack() as held:
+        for what in sorted({str(out.absolute()), *([str(lockfile)] if lockfile else [])}):
+            key = hashlib.sha256(what.encode()).hexdigest()[:16]
+            held.enter_context(
+                exclusive(
+                    settings.cache_dir() / "locks" / f"{key}.lock",
+                    on_wait=lambda w=what: log.info(
+                        "another piimage is building into %s; waiting for it to finish", w
+                    ),
+                )
+            )
+        return _execute(bp, lockfile, out)
+
+
+def _execute(bp: BuildPlan, lockfile: Path | None, out: Path) -> list[Path]:
+    t0 = time.monotonic()
     locked = lock.read(lockfile) if lockfile else None
     spec = bp.base_spec
     if bp.base_from_inventory:
         spec = lock.locked_spec(locked, spec, update=bp.update_base)
     base = fetch.fetch_base(spec)
     log.info("base image: %s (sha256 %s…)", base.name, base.sha256[:12])
-    out = bp.out_dir / bp.cluster.name
     out.mkdir(parents=True, exist_ok=True)
     work_root = settings.cache_dir() / "work"
     work_root.mkdir(parents=True, exist_ok=True)

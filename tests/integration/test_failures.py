@@ -368,3 +368,32 @@ def test_damaged_cache_entries_are_found_and_made_again(work):
     assert "base image" in r.stderr and "making it again" in r.stderr, r.stderr[-3000:]
     assert f"the cached {layer.name} was changed after it was made" in r.stderr, r.stderr[-3000:]
     assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
+
+
+def test_two_builds_into_one_folder_wait_for_each_other(work):
+    """Two piimage builds of one cluster at once, head and node01, into the same out/: the
+    second waits for the first (they share manifest.json, SHA256SUMS and piimage.lock), both
+    succeed, and what each wrote is there. Role layers from the cache; ~1-2 min."""
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "piimage.cli", "build", "--hostname", h, "--compress", "none"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for h in ("head", "node01")
+    ]
+    errs = [p.communicate(timeout=3600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    assert any("another piimage is building into" in e for e in errs), errs
+    out = tmp_path / "out" / "failing"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["nodes"]) == {"head", "node01"}
+    sums = (out / "SHA256SUMS").read_text()
+    assert "head.img" in sums and "node01.img" in sums
+    for h in ("head", "node01"):
+        assert manifest["nodes"][h]["sha256"] in sums
