@@ -21,7 +21,7 @@ from pathlib import Path
 from . import fetch, lock, render, settings
 from .disk import overlay as cow_overlay
 from .errors import BuildError, UserError
-from .fsutil import exclusive
+from .fsutil import allocated, ensure_space, exclusive
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
 from .keys import KeyPair, cluster_ssh_key, munge_key, node_host_key
@@ -382,6 +382,10 @@ def _execute(bp: BuildPlan, lockfile: Path | None, out: Path) -> list[Path]:
             head.hostname if head else None,
             {n.hostname for n in bp.cluster.nodes},
         )
+        # the images take about what their layers take (the stamp adds little), and a
+        # compressed copy about half that again
+        room = sum(allocated(job.layer) for job in jobs) * (1.6 if bp.compress != "none" else 1.05)
+        ensure_space(out, int(room), f"{len(jobs)} node image{'s' if len(jobs) != 1 else ''}")
         for job in jobs:
             cow_overlay(job.layer, job.overlay, what=f"qemu-img create for {job.planned.hostname}")
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)

@@ -22,7 +22,15 @@ from pathlib import Path
 
 from . import settings
 from .errors import BuildError, ChecksumError, UserError
-from .fsutil import CHUNK, atomic_path, damage, fingerprint, sha256_file, write_atomic
+from .fsutil import (
+    CHUNK,
+    atomic_path,
+    damage,
+    ensure_space,
+    fingerprint,
+    sha256_file,
+    write_atomic,
+)
 from .log import log, progress
 
 IMAGER_NAMES = {
@@ -180,6 +188,8 @@ def _download(url: str, expected: str, cache: Path) -> Path:
             log.info("%s: the server does not resume downloads; starting over", url)
             have = 0
         total = int(r.headers.get("Content-Length", 0)) + have or None
+        if total:
+            ensure_space(part.parent, total - have, f"the download of {basename}")
         requests = _requests()
         try:
             with (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,31 @@ def damage(path: Path, made: dict | None) -> str | None:
     if st.st_mtime_ns != made["mtime_ns"] and sha256_file(path) != made["sha256"]:
         return "was changed after it was made (its SHA-256 differs)"
     return None
+
+
+def allocated(path: Path) -> int:
+    """The bytes a (sparse) file really takes on its disk."""
+    return path.stat().st_blocks * 512
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def ensure_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse, before any of it is written, work that needs more room than `folder`'s
+    filesystem has free (a full disk half-way would leave the work undone and the disk full)."""
+    from .errors import BuildError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise BuildError(
+            f"{folder}: not enough free space for {what}: it needs about {_gib(needed)}, "
+            f"{_gib(free)} is free",
+            hint="free some space there, or point piimage elsewhere (--out for images, "
+            "$PIIMAGE_CACHE for downloads and layers)",
+        )
 
 
 def temp_name(final: Path) -> Path:

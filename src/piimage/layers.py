@@ -19,7 +19,15 @@ from pathlib import Path
 
 from . import disk, emulate, settings
 from .fetch import BaseImage
-from .fsutil import atomic_path, damage, exclusive, fingerprint, write_atomic
+from .fsutil import (
+    allocated,
+    atomic_path,
+    damage,
+    ensure_space,
+    exclusive,
+    fingerprint,
+    write_atomic,
+)
 from .log import log
 from .profiles import Profile
 from .run import run, terminate_all
@@ -236,6 +244,9 @@ def _build_layer(
     apt_mirrors: dict[str, str] | None,
 ) -> None:
     t0 = time.monotonic()
+    ensure_space(
+        final.parent, allocated(base.path) + inputs.headroom_mb * 2**20, f"the {inputs.role} layer"
+    )
     with atomic_path(final) as tmp:
         # A sparse copy: the base's holes stay holes.
         run(["cp", "--sparse=always", str(base.path), str(tmp)], what="copying the base image")

@@ -397,3 +397,28 @@ def test_two_builds_into_one_folder_wait_for_each_other(work):
     assert "head.img" in sums and "node01.img" in sums
     for h in ("head", "node01"):
         assert manifest["nodes"][h]["sha256"] in sums
+
+
+def test_a_full_disk_is_refused_before_anything_is_written(work):
+    """out/ on a small filesystem (a 64 MiB tmpfs) that cannot hold the image: the build says
+    so before it writes any of it, naming the folder and the room needed and free, and the
+    previous outputs there stay as they were. Layers from the cache (a package-less one)."""
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(out)], check=True)
+    try:
+        previous = out / "failing" / "node01.img"
+        previous.parent.mkdir()
+        previous.write_bytes(b"the image of an earlier build")
+        r = run_piimage(["build", "--hostname", "node01", "--compress", "none"], env, tmp_path)
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert f"{out / 'failing'}: not enough free space for 1 node image" in r.stderr
+        assert "GiB is free" in r.stderr and "Traceback" not in r.stderr
+        assert sorted(p.name for p in (out / "failing").iterdir()) == ["node01.img"]
+        assert previous.read_bytes() == b"the image of an earlier build"
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    assert [f for f in leftovers(tmp_path)] == []
