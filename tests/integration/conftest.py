@@ -159,6 +159,18 @@ def find_os_list_item(doc: dict, basename: str) -> dict:
     raise LookupError(f"no os_list entry for {basename}")
 
 
+# The lanes' priorities: the trixie lane is the suite's critical path (its stand-in alone is
+# ~10 min of one emulated dpkg after another), the bookworm + Docker lane ends ~15 min before
+# it, so the bookworm lane's builds run at a lower CPU priority and take what trixie leaves.
+# Its rehearsal does not: a starved VM would time out inside, which no Pi does.
+BEHIND = 10  # nice(1) of the bookworm lane's builds
+NICE = {"trixie": 0, "bookworm": BEHIND}
+
+
+def _at_priority(nice: int):
+    return lambda: os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def run_standin_script(
     suite: str, out: Path, url_base: str, *extra: str
 ) -> subprocess.CompletedProcess:
@@ -169,6 +181,7 @@ def run_standin_script(
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT,
+        preexec_fn=_at_priority(NICE.get(suite, 0)),
     )
     if proc.returncode == 2:
         pytest.skip(f"cannot build the {suite} stand-in here: {proc.stderr.strip()}")
@@ -347,6 +360,16 @@ def _release(item) -> str | None:
         if f"standin_{suite}" in names or suite in (params.get("suite"), params.get("rehearsal")):
             return suite
     return None
+
+
+def pytest_runtest_setup(item):
+    """Before a test and the fixtures it sets up: this worker's CPU priority for its lane
+    (NICE; everything the test starts inherits it), the rehearsals at the normal one."""
+    if "/tests/integration/" not in str(item.path):
+        return
+    rehearsal = item.path.name == "test_rehearse.py"
+    nice = 0 if rehearsal else NICE.get(_release(item) or "bookworm", 0)
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
 @pytest.hookimpl(tryfirst=True)
