@@ -382,13 +382,19 @@ def pytest_collection_modifyitems(session, config, items):
     The lanes (scripts/test runs pytest-xdist with two workers, `--dist loadgroup`): the
     Docker and bookworm tests are one xdist group, the trixie tests another, so the two
     releases run side by side, each in one worker that builds its role layers once and boots
-    its one virtual cluster; the unit tests go to whichever worker is free. Without xdist the
-    marks do nothing and the order above is the whole story. (tryfirst: xdist's worker reads
+    its one virtual cluster; the unit tests go to whichever worker is free. The trixie lane is
+    the longer one (its stand-in, layers and rehearsal are the slowest), so trixie tests that
+    only read cached layers are marked `late_in_bookworm_lane`: the bookworm lane runs them
+    after all of its own, when the trixie layers exist (its lane would otherwise idle through
+    the trixie rehearsal). Without xdist the marks do nothing and the order above is the
+    whole story. (tryfirst: xdist's worker reads
     the marks in its own hook of the same name.)"""
 
-    def rank(item) -> int:
+    def rank(item) -> float:
         if "/tests/unit/" in str(item.path):
             return 0
+        if item.get_closest_marker("late_in_bookworm_lane"):
+            return 2.5
         if _release(item) == "trixie":
             return 3
         return 1 if "docker" in getattr(item, "fixturenames", ()) else 2

@@ -441,6 +441,7 @@ def _sha(path: Path) -> str:
     ).stdout.split()[0]
 
 
+@pytest.mark.late_in_bookworm_lane  # ~7 min (stamp + xz of one image), off the trixie lane
 def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
     import xml.etree.ElementTree as ET
 
@@ -496,6 +497,7 @@ def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
 
 
 # Rebuilds a copy of the cluster above, with node01's .img.xz, with a new address for node02.
+@pytest.mark.late_in_bookworm_lane
 def test_changed_ip_reuses_role_layers(cluster_all, env, tmp_path):
     cwd = copy_of(cluster_all[0], tmp_path / "cluster")
     # what `--compress zstd` left beside node02.img in an earlier build
