@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import disk
 from .errors import CommandError, MissingToolError
+from .fsutil import temp_name
 from .log import log, progress
 from .run import require_tools, run
 
@@ -182,7 +183,6 @@ def _umount(mp: str) -> None:
 
 ROOT_PREFIX = "piimage-root-"  # + "<pid>-": a chroot's mount point, under the temp dir
 _DEAD_ROOT = re.compile(rf"/{ROOT_PREFIX}(\d+)-[^/]+")
-_PARTIAL = re.compile(r"\.partial-(\d+)")
 
 
 def _dead(pid: str) -> bool:
@@ -194,26 +194,32 @@ def stale_mounts(mounts_text: str) -> list[str]:
     a crash of the parent tools), it never reached its own teardown."""
     found = []
     for line in mounts_text.splitlines():
-        mp = line.split()[1].replace("\\040", " ") if len(line.split()) > 1 else ""
+        fields = line.split()
+        mp = fields[1].replace("\\040", " ") if len(fields) > 1 else ""
         m = _DEAD_ROOT.search(mp)
         if m and _dead(m.group(1)):
             found.append(mp)
     return sorted(found, key=lambda p: -p.count("/"))
 
 
+def _others_temp(name: str, final: Path) -> bool:
+    """`name` is a temporary file of `final` (fsutil.temp_name) made by another process."""
+    mine = temp_name(final).name
+    prefix = mine.rsplit("-", 1)[0] + "-"
+    return name.startswith(prefix) and name[len(prefix) :].isdigit() and name != mine
+
+
 def stale_loops(losetup_text: str, final: Path) -> list[str]:
     """Loop devices (`losetup -l -n -O NAME,BACK-FILE` lines) on a temporary file of `final`
-    made by another process (`.<name>.partial-<pid>`, fsutil.temp_name), deleted or not."""
+    made by another process, deleted or not."""
     found = []
     for line in losetup_text.splitlines():
         name, _, back = line.strip().partition(" ")
         back = back.strip().removesuffix(" (deleted)")
-        m = _PARTIAL.fullmatch(posixpath.basename(back).removeprefix(f".{final.name}"))
         if (
             name.startswith("/dev/loop")
-            and m
             and posixpath.dirname(back) == str(final.parent)
-            and m.group(1) != str(os.getpid())
+            and _others_temp(posixpath.basename(back), final)
         ):
             found.append(name)
     return found
@@ -242,8 +248,8 @@ def clean_stale_partials(final: Path) -> None:
     for dev in stale_loops(listed.stdout if listed.returncode == 0 else "", final):
         log.warning("detaching %s, left on a temporary %s by a killed build", dev, final.name)
         disk.detach(dev)
-    for f in final.parent.glob(f".{final.name}.partial-*"):
-        if f.name != f".{final.name}.partial-{os.getpid()}":
+    for f in final.parent.iterdir():
+        if _others_temp(f.name, final):
             log.warning("removing %s, left by a build that was killed", f.name)
             with contextlib.suppress(OSError):
                 f.unlink()

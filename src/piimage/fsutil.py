@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import BuildError
+
 CHUNK = 4 * 1024 * 1024
 
 
@@ -58,8 +60,6 @@ def _gib(n: float) -> str:
 def ensure_space(folder: Path, needed: int, what: str) -> None:
     """Refuse, before any of it is written, work that needs more room than `folder`'s
     filesystem has free (a full disk half-way would leave the work undone and the disk full)."""
-    from .errors import BuildError
-
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed > free:

@@ -30,9 +30,9 @@ def _probe(r: Rehearsal, st: NodeState) -> dict[str, str]:
         "--no-legend 2>/dev/null | awk '{print $1}' | tr '\\n' ' ');; esac"
     )
     script = [state]
+    units = _units_left(st) if st.boot_s is not None else []
     if st.boot_s is not None:
         script.append("echo hostname=$HOSTNAME")
-        units = _units_left(st)
         if units:
             script.append(
                 f"echo units=$(systemctl is-active {' '.join(units)} 2>/dev/null | tr '\\n' ' ')"
@@ -52,8 +52,7 @@ def _probe(r: Rehearsal, st: NodeState) -> dict[str, str]:
             )
     _, out = st.agent.call("\n".join(script), timeout=120)
     probe = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    if st.boot_s is not None and (units := _units_left(st)):
-        probe |= {f"unit.{u}": v for u, v in zip(units, probe.get("units", "").split())}
+    probe |= {f"unit.{u}": v for u, v in zip(units, probe.get("units", "").split())}
     return probe
 
 
