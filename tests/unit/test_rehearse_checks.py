@@ -175,6 +175,7 @@ class FakeCluster:
             ),
             (r"ssh -o BatchMode.* (\S+) hostname", None),
             (r"^rm -f", ""),
+            (r"^tail -n \d+ /var/log/slurm/(\S+)", None),  # its name: the log it read
         ]
         for pattern, out in answers:
             m = re.search(pattern, script)
@@ -385,6 +386,11 @@ def test_containment_that_does_not_hold_is_named(tmp_path):
         "daemons down: slurmd inactive, munge active, ssh active"
     )
     assert "JobState=COMPLETED" in oom.output
+    # a failed job check ends with the logs that say why: slurmctld's and its nodes' slurmd's
+    assert oom.output.index("--- head slurmctld.log\nslurmctld.log") < oom.output.index(
+        "--- node01 slurmd.log\nslurmd.log"
+    )
+    assert "--- node02" not in oom.output
 
 
 def test_example_jobs_and_their_history_are_checked(tmp_path):

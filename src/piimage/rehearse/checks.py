@@ -649,6 +649,8 @@ def srun(ctx: Context) -> None:
     )
     got = sorted(set(text.split()) & {n.hostname for n in jobs})
     ok = rc == 0 and len(got) == count
+    if not ok:
+        text += _slurm_logs(ctx, jobs)
     ctx.add(
         "srun",
         ctx.head.name,
@@ -714,6 +716,8 @@ def mpi(ctx: Context) -> None:
         timeout=480,
     )
     ok, ranks, hosts, want_sum = _mpi_outcome(rc, text, jobs, size)
+    if not ok:
+        text += _slurm_logs(ctx, jobs)
     ctx.add(
         "mpi",
         ctx.head.name,
@@ -759,6 +763,8 @@ def oom(ctx: Context) -> None:
     idle = text.strip().splitlines()[-1:] == ["node idle"]
     up = all(states.get(d) == "active" for d in ("slurmd", "munge", "ssh"))
     ok = rc == 0 and killed and idle and up
+    if not ok:
+        text += _slurm_logs(ctx, [node])
     ctx.add(
         "oom",
         ctx.head.name,
@@ -846,6 +852,8 @@ def examples(ctx: Context) -> None:
         bool(digest) and all(d == digest.group(1) for d in seen.values()) and len(seen) == len(jobs)
     )
     ok = rc == 0 and pi_ok and sweep_ok and same
+    if not ok:
+        text += _slurm_logs(ctx, jobs)
     ctx.add(
         "examples",
         ctx.head.name,
@@ -1103,6 +1111,19 @@ def _mpi_outcome(
         and hosts == sorted(n.hostname for n in jobs)
     )
     return ok, len(ranks), hosts, want_sum
+
+
+def _slurm_logs(ctx: Context, nodes: list[Node]) -> str:
+    """The end of slurmctld's log on the head and of slurmd's on each of `nodes`: what a failed
+    job check reports besides the job's own output, so that a launch failure says why."""
+    parts = []
+    for name, path in [(ctx.head.name, "slurmctld.log")] + [
+        (n.hostname, "slurmd.log") for n in nodes
+    ]:
+        st = ctx.target(name)
+        _, text = ctx.call(st, f"tail -n 12 /var/log/slurm/{path} 2>&1")
+        parts.append(f"--- {name} {path}\n{text[-700:]}")
+    return "\n" + "\n".join(parts) + "\n"
 
 
 def _unmunge_error(out: str) -> str:
