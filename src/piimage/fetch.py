@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import settings
+from .cache import touch_used
 from .errors import BuildError, ChecksumError, UserError
 from .fsutil import (
     CHUNK,
@@ -278,6 +279,7 @@ def _cached_raw(raw: Path, name: str) -> bool:
         made = None
     problem = damage(raw, made)
     if problem is None:
+        touch_used(raw.parent / "info.json")  # for `piimage cache --prune`
         return True
     log.warning("base image %s: the cached %s %s; making it again", name, raw, problem)
     raw.unlink()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import disk, emulate, settings
+from .cache import touch_used
 from .fetch import BaseImage
 from .fsutil import (
     allocated,
@@ -319,6 +320,7 @@ def _cached(final: Path, role: str) -> bool:
         return False
     problem = damage(final, layer_info(final).get("image"))
     if problem is None:
+        touch_used(final.with_suffix(".json"))  # for `piimage cache --prune`
         return True
     log.warning("role layer %s: the cached %s %s; building it again", role, final.name, problem)
     for p in (final, final.with_suffix(".json")):
