@@ -175,7 +175,7 @@ class FakeCluster:
             ),
             (r"ssh -o BatchMode.* (\S+) hostname", None),
             (r"^rm -f", ""),
-            (r"^tail -n \d+ /var/log/slurm/(\S+)", None),  # its name: the log it read
+            (r"^grep -E 'error\|fatal' /var/log/slurm/(\S+)", None),  # its name: the log it read
         ]
         for pattern, out in answers:
             m = re.search(pattern, script)

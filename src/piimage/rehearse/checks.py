@@ -1121,8 +1121,18 @@ def _slurm_logs(ctx: Context, nodes: list[Node]) -> str:
         (n.hostname, "slurmd.log") for n in nodes
     ]:
         st = ctx.target(name)
-        _, text = ctx.call(st, f"tail -n 12 /var/log/slurm/{path} 2>&1")
-        parts.append(f"--- {name} {path}\n{text[-700:]}")
+        log_file = f"/var/log/slurm/{path}"
+        # its errors since boot (a daemon's start-up failure is long scrolled off the tail),
+        # its last lines, and on a compute node the systemd scope slurmd keeps job steps in
+        # (cgroup/v2: a step cannot start once that scope is gone)
+        script = (
+            f"grep -E 'error|fatal' {log_file} 2>&1 | tail -n 6; echo '...'; "
+            f"tail -n 10 {log_file} 2>&1"
+        )
+        if path == "slurmd.log":
+            script += "; systemctl list-units --all --no-legend --plain '*slurmstepd.scope'"
+        _, text = ctx.call(st, script)
+        parts.append(f"--- {name} {path}\n{text[-900:]}")
     return "\n" + "\n".join(parts) + "\n"
 
 
