@@ -368,9 +368,7 @@ def pytest_runtest_setup(item):
     if "/tests/integration/" not in str(item.path):
         return
     rehearsal = item.path.name == "test_rehearse.py"
-    # the late trixie tests run in the bookworm lane, beside the trixie cluster's boot: behind it
-    lane = "bookworm" if item.get_closest_marker("late_in_bookworm_lane") else _release(item)
-    nice = 0 if rehearsal else NICE.get(lane or "bookworm", 0)
+    nice = 0 if rehearsal else NICE.get(_release(item) or "bookworm", 0)
     os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
@@ -387,10 +385,8 @@ def pytest_collection_modifyitems(session, config, items):
     its one virtual cluster; the unit tests go to whichever worker is free. The trixie lane is
     the longer one (its stand-in, layers and rehearsal are the slowest), so trixie tests that
     only read cached layers are marked `late_in_bookworm_lane`: the bookworm lane runs them
-    after its own builds and before its rehearsal, when the trixie layers exist (its lane
-    would otherwise idle through the trixie rehearsal, and its own rehearsal waits for the
-    boot slot while the trixie cluster boots: cold run of 5410d98, 511 s of waiting, then the
-    late tests ran last and the bookworm lane ended 17 min after the trixie one). Without xdist the marks do nothing and the order above is the
+    after all of its own, when the trixie layers exist (its lane would otherwise idle through
+    the trixie rehearsal). Without xdist the marks do nothing and the order above is the
     whole story. (tryfirst: xdist's worker reads
     the marks in its own hook of the same name.)"""
 
@@ -399,11 +395,8 @@ def pytest_collection_modifyitems(session, config, items):
             return 0
         if item.get_closest_marker("late_in_bookworm_lane"):
             return 2.5
-        release = _release(item)
-        if release == "trixie":
+        if _release(item) == "trixie":
             return 3
-        if item.path.name == "test_rehearse.py":
-            return 2.7  # after the late trixie tests: they fill its wait for the boot slot
         return 1 if "docker" in getattr(item, "fixturenames", ()) else 2
 
     items.sort(key=rank)
