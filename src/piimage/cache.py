@@ -11,16 +11,13 @@ so a layer made long ago and used every day is not taken for an old one.
 
 from __future__ import annotations
 
-import fcntl
 import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import settings
-from .fsutil import allocated
+from .fsutil import Cancelled, allocated, exclusive
 from .log import log
 
 DAY = 86400
@@ -60,7 +57,7 @@ def _mtime(path: Path) -> float:
 
 
 def entries() -> list[Entry]:
-    """Every entry of the caches, largest kinds first as found."""
+    """Every entry of the caches: role layers, base images, rehearsal kernels, apt's archive."""
     out: list[Entry] = []
     layers = settings.layer_cache_dir()
     for img in sorted(layers.glob("*.img")) if layers.is_dir() else []:
@@ -100,21 +97,6 @@ def entries() -> list[Entry]:
     return out
 
 
-@contextmanager
-def _unless_in_use(lock: Path | None) -> Iterator[bool]:
-    """True, holding the entry's lock, when no build holds it; False when one does."""
-    if lock is None or not lock.parent.is_dir():
-        yield True
-        return
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-
-
 def to_prune(
     found: list[Entry], *, older_than_days: float | None, max_bytes: int | None, now: float
 ) -> list[Entry]:
@@ -139,34 +121,27 @@ def to_prune(
     return chosen
 
 
-def prune(chosen: list[Entry], *, dry_run: bool) -> tuple[list[Entry], list[Entry]]:
-    """Remove the chosen entries (all of each or none of it; one in use is skipped): (removed,
-    skipped because a build holds them)."""
-    removed, busy = [], []
+def prune(chosen: list[Entry], *, dry_run: bool) -> list[Entry]:
+    """Remove the chosen entries, all of each, holding its lock while doing so; one whose lock
+    a build holds is left, and said so. Returns those removed (or, dry, that would be)."""
+    removed = []
     for e in chosen:
-        with _unless_in_use(e.lock) as free:
-            if not free:
-                log.warning("%s %s: a build is using it; left", e.kind, e.name)
-                busy.append(e)
-                continue
-            if not dry_run:
-                # the image first: a description without its image is nothing, an image
-                # without its description would be taken for a damaged one and rebuilt
-                for p in e.paths:
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p)
-                    else:
-                        p.unlink(missing_ok=True)
-            removed.append(e)
-    return removed, busy
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+        try:
+            # give up at once rather than wait: a held lock means a build has it in hand
+            with exclusive(e.lock, cancelled=lambda: True) if e.lock else nullcontext():
+                if not dry_run:
+                    # the image first: a description without its image is nothing, an image
+                    # without its description would be taken for a damaged one and rebuilt
+                    for p in e.paths:
+                        if p.is_dir() and not p.is_symlink():
+                            shutil.rmtree(p)
+                        else:
+                            p.unlink(missing_ok=True)
+        except Cancelled:
+            log.warning("%s %s: a build is using it; left", e.kind, e.name)
+            continue
+        removed.append(e)
+    return removed
 
 
 def age(seconds: float) -> str:
@@ -188,7 +163,3 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise ValueError(text)
     return int(value * factor)
-
-
-def now() -> float:
-    return time.time()

@@ -327,8 +327,11 @@ def cache(prune, older_than, max_size, dry_run, verbose, quiet):
     """List the caches (role layers, base images, rehearsal kernels, apt's packages) with size
     and last use; --prune removes old role layers and base images, never one a build is using."""
     _setup_logging(verbose, quiet)
+    import time
+
     from . import cache as c
     from .errors import UserError
+    from .log import human_size
 
     if (older_than is not None or max_size or dry_run) and not prune:
         raise UserError("--older-than, --max-size and --dry-run go with --prune")
@@ -341,29 +344,31 @@ def cache(prune, older_than, max_size, dry_run, verbose, quiet):
                 f"--max-size: {max_size!r} is not a size", hint="a number with K, M, G or T: 20G"
             ) from None
     found = c.entries()
-    now = c.now()
+    now = time.time()
     if not prune:
         for e in found:
             click.echo(
-                f"{e.kind:<17} {e.name:<28} {c.human(e.size):>10}  used {c.age(now - e.used)}"
+                f"{e.kind:<17} {e.name:<28} {human_size(e.size):>10}  used {c.age(now - e.used)}"
             )
-        click.echo(f"{'in all':<46} {c.human(sum(e.size for e in found)):>10}")
+        click.echo(f"{'in all':<46} {human_size(sum(e.size for e in found)):>10}")
         return
     if older_than is None and limit is None:
         older_than = 30
     chosen = c.to_prune(found, older_than_days=older_than, max_bytes=limit, now=now)
-    removed, busy = c.prune(chosen, dry_run=dry_run)
+    removed = c.prune(chosen, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for e in removed:
-        click.echo(f"{verb} {e.kind} {e.name} ({c.human(e.size)}, used {c.age(now - e.used)})")
+        click.echo(f"{verb} {e.kind} {e.name} ({human_size(e.size)}, used {c.age(now - e.used)})")
     freed = sum(e.size for e in removed)
     left = sum(e.size for e in found) - freed
-    click.echo(f"{verb} {len(removed)} entries, {c.human(freed)}; the caches hold {c.human(left)}")
+    click.echo(
+        f"{verb} {len(removed)} entries, {human_size(freed)}; the caches hold {human_size(left)}"
+    )
     if limit is not None and left > limit:
         log.warning(
             "the caches are still over %s: what is left is in use or is not pruned "
             "(rehearsal kernels, apt's packages: remove those folders by hand)",
-            c.human(limit),
+            human_size(limit),
         )
 
 

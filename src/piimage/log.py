@@ -28,6 +28,15 @@ def setup(verbosity: int) -> None:
     root.propagate = False
 
 
+def human_size(n: float) -> str:
+    """Bytes as people read them: "512 B", "3.2 MiB", "1.1 GiB"."""
+    for u in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or u == "GiB":
+            return f"{n:.0f} {u}" if u == "B" else f"{n:.1f} {u}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 class Progress:
     """A byte/step progress bar on stderr; silent when quiet or stderr is not a terminal
     (then it logs a line at start and at the end, so CI logs still show the work)."""
@@ -41,13 +50,7 @@ class Progress:
         self._last_pct = -1
 
     def _fmt(self, n: int) -> str:
-        if self.unit != "B":
-            return f"{n} {self.unit}"
-        for u in ("B", "KiB", "MiB", "GiB"):
-            if n < 1024 or u == "GiB":
-                return f"{n:.0f} {u}" if u == "B" else f"{n:.1f} {u}"
-            n /= 1024  # type: ignore[assignment]
-        return str(n)
+        return human_size(n) if self.unit == "B" else f"{n} {self.unit}"
 
     def update(self, n: int) -> None:
         self.done += n

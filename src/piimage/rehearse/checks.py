@@ -1122,9 +1122,9 @@ def _slurm_logs(ctx: Context, nodes: list[Node]) -> str:
     ]:
         st = ctx.target(name)
         log_file = f"/var/log/slurm/{path}"
-        # its errors since boot (a daemon's start-up failure is long scrolled off the tail),
-        # its last lines, and on a compute node the systemd scope slurmd keeps job steps in
-        # (cgroup/v2: a step cannot start once that scope is gone)
+        # its errors in the whole log, both boots of the rehearsal (a daemon's start-up failure
+        # is long scrolled off the tail), its last lines, and on a compute node the systemd
+        # scope slurmd keeps job steps in (cgroup/v2: a step cannot start once it is gone)
         script = (
             f"grep -E 'error|fatal' {log_file} 2>&1 | tail -n 6; echo '...'; "
             f"tail -n 10 {log_file} 2>&1"
