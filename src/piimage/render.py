@@ -21,6 +21,8 @@ PARTITION = "cluster"  # the SLURM partition every job node is in
 # Memory a head that also runs jobs keeps back from them (slurm.conf MemSpecLimit), for
 # slurmctld, the NFS server and chrony.
 HEAD_MEM_SPEC_MB = 512
+# the cluster user's home as the card of a head with a shared USB drive holds it (home_files)
+HOME_SEED = "/var/lib/piimage/cluster-home"
 
 
 def cluster_context(cluster: Cluster) -> dict[str, Any]:
@@ -91,6 +93,7 @@ def node_context(
     this["follows_head"] = (
         head is not None and head.hostname != node.hostname and not node.facts.time_server
     )
+    this["home_files"] = home_files(cluster, node)
     ctx.update(
         node=this,
         role=node.role,
@@ -100,6 +103,19 @@ def node_context(
         cluster_ssh_public=cluster_ssh_public,
     )
     return ctx
+
+
+def home_files(cluster: Cluster, node: Node) -> str | None:
+    """Where this node's card holds the cluster user's home (SSH keys): the home itself, on a
+    node where the shared directory is the card's own; HOME_SEED on a head whose USB drive is
+    mounted over it at boot (a unit copies it onto the drive); None on a node that sees the
+    head's home over NFS."""
+    head = cluster.head
+    if node.facts.nfs_client and head is not None and head.hostname != node.hostname:
+        return None
+    if node.facts.nfs_server and cluster.shared.device_uuid:
+        return HOME_SEED
+    return cluster.cluster_user.home
 
 
 def _hardware_data(h: Hardware) -> dict[str, Any]:

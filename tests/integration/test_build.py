@@ -255,14 +255,21 @@ def test_cluster_services(cluster_all):
                     assert "After=time-sync.target" in v.text(
                         "/etc/systemd/system/munge.service.d/piimage-after-sync.conf"
                     )
-                # cluster user: same UID everywhere, the cluster keypair
+                # cluster user: same UID everywhere, its home on the shared directory (the
+                # head's card holds it, compute nodes mount the head's), the cluster keypair
                 assert v.uid_of("mpiuser") == 1500
-                assert v.mode("/home/mpiuser/.ssh/id_ed25519") == 0o600
-                assert v.owner("/home/mpiuser/.ssh/id_ed25519")[0] == 1500
-                assert (
-                    v.read("/home/mpiuser/.ssh/authorized_keys").strip()
-                    == v.read("/home/mpiuser/.ssh/id_ed25519.pub").strip()
-                )
+                home = "/clusterfs/home/mpiuser"
+                assert f"mpiuser:x:1500:1500::{home}:/bin/bash" in v.text("/etc/passwd")
+                if role == "head":
+                    assert v.mode(home) == 0o700 and v.owner(home)[0] == 1500
+                    assert v.mode(f"{home}/.ssh/id_ed25519") == 0o600
+                    assert v.owner(f"{home}/.ssh/id_ed25519")[0] == 1500
+                    assert (
+                        v.read(f"{home}/.ssh/authorized_keys").strip()
+                        == v.read(f"{home}/.ssh/id_ed25519.pub").strip()
+                    )
+                else:
+                    assert not v.lexists(f"{home}/.ssh")  # the head's, over NFS
                 # nothing of the package step is left behind
                 assert not v.lexists("/usr/sbin/policy-rc.d")
                 assert [

@@ -157,7 +157,9 @@ stages: [extra]
         "security_mirror": "http://deb.example.org/debian-security/",
     }
     assert c.shared.path == "/srv/shared" and c.shared.device_uuid.startswith("0b3c")
-    assert c.cluster_user == inv.ClusterUser("mpi", 2000) and c.stages == (tmp_path / "extra",)
+    assert c.cluster_user == inv.ClusterUser("mpi", 2000, "/srv/shared") and c.stages == (
+        tmp_path / "extra",
+    )
     assert c.admin.password_hash == SHA512 and SHA512 not in repr(c)
 
 
@@ -216,7 +218,11 @@ def test_cluster_context_is_plain_data_without_secrets(tmp_path):
     assert ctx["head"]["hostname"] == "head"
     compute = [n["hostname"] for n in ctx["compute_nodes"]]
     assert compute == ["head", "node01"]  # this head runs jobs too
-    assert ctx["cluster_user"] == {"name": "mpiuser", "uid": 1500, "home": "/home/mpiuser"}
+    assert ctx["cluster_user"] == {
+        "name": "mpiuser",
+        "uid": 1500,
+        "home": "/clusterfs/home/mpiuser",
+    }
     dumped = json.dumps(ctx)  # plain types only
     assert YESCRYPT not in dumped
 

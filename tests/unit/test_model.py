@@ -179,12 +179,7 @@ COMMON = {
     "40-time": {"/etc/timezone", "->/etc/localtime"},
     "50-munge": {"/etc/munge/munge.key"},
     "55-slurm": {"/etc/slurm/slurm.conf", "/etc/slurm/cgroup.conf"},
-    "70-cluster-user": {
-        "/home/mpiuser/.ssh/id_ed25519",
-        "/home/mpiuser/.ssh/id_ed25519.pub",
-        "/home/mpiuser/.ssh/authorized_keys",
-        "/etc/ssh/ssh_config.d/50-piimage-cluster.conf",
-    },
+    "70-cluster-user": {"/etc/ssh/ssh_config.d/50-piimage-cluster.conf"},  # + HOME on the head
     "75-poe": set(),  # no file: lines appended to config.txt (checked below)
     "80-examples": set(),  # on the head only
 }
@@ -206,6 +201,13 @@ HEAD = {
         "/etc/openmpi/prte-default-hostfile",
     },
     "80-examples": EXAMPLES,
+    # the cluster user's home is on the shared directory: compute nodes mount the head's
+    "70-cluster-user": COMMON["70-cluster-user"]
+    | {
+        "/clusterfs/home/mpiuser/.ssh/id_ed25519",
+        "/clusterfs/home/mpiuser/.ssh/id_ed25519.pub",
+        "/clusterfs/home/mpiuser/.ssh/authorized_keys",
+    },
 }
 CLIENT = {
     "60-timesync": {
@@ -290,11 +292,12 @@ def test_render_matrix(matrix, kind):
         by_stage[link.stage].add("->" + link.path)
     assert by_stage == expected
     examples = {"/clusterfs/examples": 0o755, "/clusterfs/examples/results": 0o755}
+    home = {"/clusterfs/home": 0o755, "/clusterfs/home/mpiuser": 0o700}  # the cluster user's
     assert {d.path: d.mode for d in pn.stamp.dirs} == {
         "/etc/ssh/piimage": 0o755,
         "/etc/munge": 0o700,
         "/clusterfs": share_mode,
-        **(examples if host == "head" else {}),
+        **({**examples, **home} if host == "head" else {}),
     }
     # the example jobs are the cluster user's, to run and change
     assert {(d.owner, d.group) for d in pn.stamp.dirs if d.path in examples} <= {

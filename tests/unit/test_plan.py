@@ -135,7 +135,21 @@ def test_a_usb_drive_as_the_shared_directory_gets_no_files_under_it(tmp_path):
     assert not [p for p in head if p.startswith("/srv/shared/")]
     pn = next(p for p in bp.nodes if p.hostname == "head")
     assert [d.path for d in pn.stamp.dirs if d.path.startswith("/srv/shared")] == ["/srv/shared"]
-    # without a drive, the head's card holds them
+    # the cluster user's home (its SSH keys) waits beside, and is copied onto a drive without one
+    seed = "/var/lib/piimage/cluster-home"
+    key = head[f"{seed}/.ssh/id_ed25519"]
+    assert (key.mode, key.owner) == (0o600, "mpiuser")
+    assert next(d for d in pn.stamp.dirs if d.path == seed).owner == "mpiuser"
+    unit = head["/etc/systemd/system/piimage-cluster-home.service"].data.decode()
+    assert "ConditionPathExists=!/srv/shared/home/mpiuser/.ssh/authorized_keys" in unit
+    assert f"ExecStart=/bin/cp -a {seed}/. /srv/shared/home/mpiuser" in unit
+    assert "piimage-cluster-home.service" in pn.stamp.enable
+    # without a drive, the head's card holds them, the home too; compute nodes hold no home
     (tmp_path / "plain").mkdir()
-    plain = files(plan_for(tmp_path / "plain", False), "head")
+    plain_plan = plan_for(tmp_path / "plain", False)
+    plain = files(plain_plan, "head")
+    home = "/clusterfs/home/mpiuser"
     assert {"/clusterfs/hostfile", "/clusterfs/examples/pi.sbatch"} <= set(plain)
+    assert f"{home}/.ssh/authorized_keys" in plain and not [p for p in plain if seed in p]
+    assert "/etc/systemd/system/piimage-cluster-home.service" not in plain
+    assert not [p for p in files(plain_plan, "node01") if p.startswith(("/clusterfs", seed))]

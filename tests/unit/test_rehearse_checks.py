@@ -64,6 +64,7 @@ class FakeCluster:
         self.token = ""  # what the shared check wrote
         self.first_boot = "none"  # no rpi-resize.service: an image like bookworm's
         self.oom_job = "job 7 exit 0\nJobState=OUT_OF_MEMORY\nnode idle"  # the containment job
+        self.home_seen: str | None = None  # what a compute node reads in the home (None: token)
         self.hostfile_map = ["node01", "node02"]  # what a plain mpirun maps onto
         self.daemons = "active\nactive\nactive"  # slurmd, munge, ssh on its node afterwards
         self.digest = "d1"  # of the example jobs' results, on the head
@@ -107,7 +108,7 @@ class FakeCluster:
             name="lab",
             roles={},
             shared=NS(path="/srv/shared", device_uuid=None),
-            cluster_user=NS(name="mpi", home="/home/mpi"),
+            cluster_user=NS(name="mpi", home="/srv/shared/home/mpi"),
             admin=NS(name="admin"),
             job_nodes=tuple(nodes[1:]),  # the cluster's hostfile lists these
         )
@@ -157,7 +158,10 @@ class FakeCluster:
             ),
             (r"srun -I120 -N\d+ -w \S+ hostname", "\n".join(idle)),
             (r"-token && ", ""),
-            (r"cat \S+-token", self.token),
+            (
+                r"cat \S+-token ~mpi/\.piimage-rehearsal-home",
+                f"{self.token}\n{self.token if self.home_seen is None else self.home_seen}\n",
+            ),
             (r"mpi\.py", ranks),
             (r"pi\.sbatch", self.examples),
             (r"\| sha256sum'?$", f"{self.seen_digest.get(st.name, '')}  -"),
@@ -209,7 +213,7 @@ def test_every_check_runs_in_report_order_when_all_is_well(tmp_path):
     assert fake.calls[-1] == (
         "head",
         "rm -f /srv/shared/.piimage-rehearsal-token /srv/shared/.piimage-rehearsal-mpi.py "
-        "/srv/shared/.piimage-rehearsal-hostfile",
+        "/srv/shared/home/mpi/.piimage-rehearsal-home /srv/shared/.piimage-rehearsal-hostfile",
     )
 
 
@@ -391,6 +395,23 @@ def test_containment_that_does_not_hold_is_named(tmp_path):
         "--- node01 slurmd.log\nslurmd.log"
     )
     assert "--- node02" not in oom.output
+
+
+def test_a_home_that_is_not_the_heads_is_named(tmp_path):
+    """A compute node whose cluster user's home is its own card's, not the head's over NFS."""
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    fake.home_seen = "cat: /srv/shared/home/mpi/.piimage-rehearsal-home: No such file"
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    bad = results["shared", "node01"]
+    assert not bad.ok and bad.summary == (
+        "node01 cannot read the files head wrote in /srv/shared and in mpi's home "
+        "/srv/shared/home/mpi"
+    )
+    assert "No such file" in bad.output
+    # the head wrote the token into the home passwd gives, as the cluster user
+    write = next(s for n, s in fake.calls if n == "head" and "-token && " in s)
+    assert "cp /srv/shared/.piimage-rehearsal-token ~mpi/.piimage-rehearsal-home" in write
+    assert "runuser -u mpi" in write
 
 
 def test_example_jobs_and_their_history_are_checked(tmp_path):

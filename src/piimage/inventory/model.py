@@ -80,10 +80,13 @@ class SharedStorage:
 class ClusterUser:
     name: str = DEFAULT_CLUSTER_USER[0]
     uid: int = DEFAULT_CLUSTER_USER[1]
+    shared_path: str = DEFAULT_SHARED_PATH  # the cluster's shared directory (SharedStorage.path)
 
     @property
     def home(self) -> str:
-        return home_dir(self.name)
+        """On the shared directory: a job script, its input and its output are the same files
+        on every node, and so are the cluster's SSH keys."""
+        return f"{self.shared_path}/home/{self.name}"
 
 
 @dataclass(frozen=True)

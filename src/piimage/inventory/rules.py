@@ -299,7 +299,7 @@ def _shared(doc: dict, ck: _Checker) -> SharedStorage:
     return SharedStorage(where, uuid)
 
 
-def _cluster_user(doc: dict, ck: _Checker, admin: AdminUser) -> ClusterUser:
+def _cluster_user(doc: dict, ck: _Checker, admin: AdminUser, shared: SharedStorage) -> ClusterUser:
     path = ("cluster_user",)
     cu = ck.mapping(doc.get("cluster_user"), path, CLUSTER_USER_KEYS)
     name = ck.text(cu, "name", path, DEFAULT_CLUSTER_USER[0]) or DEFAULT_CLUSTER_USER[0]
@@ -314,7 +314,7 @@ def _cluster_user(doc: dict, ck: _Checker, admin: AdminUser) -> ClusterUser:
             path + ("uid",),
             f"{uid} must be from 1001 to 59999 (a regular user's range; 1000 is the admin)",
         )
-    return ClusterUser(name, uid or DEFAULT_CLUSTER_USER[1])
+    return ClusterUser(name, uid or DEFAULT_CLUSTER_USER[1], shared.path)
 
 
 def _stages(doc: dict, ck: _Checker, base_dir: Path, home: Path) -> tuple[Path, ...]:
@@ -533,7 +533,7 @@ def _validate(
     apt_map = ck.mapping(top.get("apt"), ("apt",), APT_KEYS)
     apt = AptSettings(**{k: ck.url(apt_map, k, ("apt",)) for k in sorted(APT_KEYS)})
     shared = _shared(top, ck)
-    cluster_user = _cluster_user(top, ck, admin)
+    cluster_user = _cluster_user(top, ck, admin, shared)
     stages = _stages(top, ck, base_dir, home)
     nodes = _nodes(top, ck, network, hardware, roles)
     if ck.problems:

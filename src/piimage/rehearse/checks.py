@@ -665,35 +665,40 @@ def srun(ctx: Context) -> None:
 
 @cluster_check("shared", HEAD_BOOTED)
 def shared(ctx: Context) -> None:
-    """The shared directory: written on the head, read on each compute node (establishes
-    SHARED_FILES: the token read here and the MPI program of the mpi and mpirun checks)."""
+    """The shared directory and the cluster user's home in it: written on the head, read on
+    each compute node, the home found where that node's passwd says (establishes SHARED_FILES:
+    the token read here and the MPI program of the mpi and mpirun checks)."""
     head = ctx.head
     token = f"rehearsal {time.time_ns()}"
     shared = ctx.cluster.shared.path
+    user = ctx.cluster.cluster_user
     fname = f"{shared}/.piimage-rehearsal"
+    in_home = f"~{user.name}/.piimage-rehearsal-home"  # ~name: the home passwd gives
     rc, text = ctx.call(
         head,
         ctx.as_user(
             f"printf '%s\\n' {shlex.quote(token)} > {fname}-token && "
+            f"cp {fname}-token {in_home} && "
             f"printf '%s' {shlex.quote(MPI_PROGRAM)} > {fname}-mpi.py"
         ),
     )
-    ctx.scratch += [f"{fname}-token", f"{fname}-mpi.py"]
+    ctx.scratch += [f"{fname}-token", f"{fname}-mpi.py", f"{user.home}/.piimage-rehearsal-home"]
     ctx.facts[SHARED_FILES] = fname
     for n in ctx.compute:
         st = ctx.target(n.hostname)
         if st is head:
             continue
         t0 = time.monotonic()
-        r, seen = ctx.call(st, ctx.as_user(f"timeout 60 cat {fname}-token"))
-        ok = rc == 0 and r == 0 and seen.strip() == token
+        r, seen = ctx.call(st, ctx.as_user(f"timeout 60 cat {fname}-token {in_home}"))
+        ok = rc == 0 and r == 0 and seen.split("\n")[:2] == [token, token]
         ctx.add(
             "shared",
             n.hostname,
             ok,
-            f"reads {shared} written on {head.name}"
+            f"reads {shared} and {user.name}'s home {user.home} written on {head.name}"
             if ok
-            else f"{n.hostname} cannot read the file {head.name} wrote in {shared}",
+            else f"{n.hostname} cannot read the files {head.name} wrote in {shared} and in "
+            f"{user.name}'s home {user.home}",
             text + seen,
             t0,
         )
