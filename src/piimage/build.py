@@ -83,7 +83,8 @@ class BuildPlan:
 
     @property
     def profiles(self) -> dict[str, Profile]:
-        """By hostname: the role's profile, plus slurmd where runs_jobs asks."""
+        """By hostname: the effective profile (profiles.effective): the role's, plus slurmd where
+        runs_jobs asks and slurmdbd where accounting does."""
         return {p.hostname: p.profile for p in self.nodes}
 
 
@@ -146,7 +147,7 @@ def plan(
     host_public = {h: k.public for h, k in keys.hosts.items()}
     planned = []
     for node in nodes:
-        profile = effective(roles[node.role], node.runs_jobs)
+        profile = effective(roles[node.role], node.runs_jobs, cluster.accounting)
         ctx = render.node_context(
             cluster,
             node,

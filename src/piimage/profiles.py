@@ -34,6 +34,7 @@ class RoleFacts:
     nfs_client: bool = False  # mounts the head's shared directory
     time_server: bool = False  # serves time to the cluster (chrony)
     mpi: bool = False  # Open MPI: gets the default hostfile
+    slurmdbd: bool = False  # the accounting database (slurmdbd and MariaDB): gets slurmdbd.conf
 
     @classmethod
     def of(cls, packages: tuple[str, ...] | list[str]) -> RoleFacts:
@@ -48,6 +49,7 @@ class RoleFacts:
             nfs_client="nfs-common" in p and "nfs-kernel-server" not in p,
             time_server="chrony" in p,
             mpi="openmpi-bin" in p,
+            slurmdbd="slurmdbd" in p,
         )
 
     def as_dict(self) -> dict[str, bool]:
@@ -69,16 +71,29 @@ class Profile:
         return RoleFacts.of(self.packages)
 
 
-def effective(profile: Profile, runs_jobs: bool) -> Profile:
+# what `accounting: slurmdbd` adds to the controller's profile (Debian's own sacct test installs
+# the same: slurm-wlm debian/tests/control); mariadb-server pulls in its client
+ACCOUNTING_PACKAGES = ("slurmdbd", "mariadb-server")
+ACCOUNTING_SERVICES = ("mariadb.service", "slurmdbd.service")
+
+
+def effective(profile: Profile, runs_jobs: bool, accounting: str = "jobcomp") -> Profile:
     """The profile a node is built with: a node that runs jobs (a head with runs_jobs: true)
-    also gets slurmd and its service when its role's profile has none."""
-    if not runs_jobs or profile.facts.slurmd:
-        return profile
+    also gets slurmd and its service when its role's profile has none; the controller of a
+    cluster with `accounting: slurmdbd` also gets slurmdbd and MariaDB."""
+    if runs_jobs and not profile.facts.slurmd:
+        profile = _with(profile, ("slurmd",), ("slurmd.service",))
+    if accounting == "slurmdbd" and profile.facts.slurmctld:
+        profile = _with(profile, ACCOUNTING_PACKAGES, ACCOUNTING_SERVICES)
+    return profile
+
+
+def _with(profile: Profile, packages: tuple[str, ...], services: tuple[str, ...]) -> Profile:
     return replace(
         profile,
-        packages=(*profile.packages, "slurmd"),
-        enable=tuple(dict.fromkeys([*profile.enable, "slurmd.service"])),
-        disable=tuple(u for u in profile.disable if u != "slurmd.service"),
+        packages=tuple(dict.fromkeys([*profile.packages, *packages])),
+        enable=tuple(dict.fromkeys([*profile.enable, *services])),
+        disable=tuple(u for u in profile.disable if u not in services),
     )
 
 

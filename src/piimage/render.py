@@ -33,7 +33,11 @@ def cluster_context(cluster: Cluster) -> dict[str, Any]:
     by_name = {n["hostname"]: n for n in nodes}
     head = cluster.head
     return {
-        "cluster": {"name": cluster.name, "timezone": cluster.timezone},
+        "cluster": {
+            "name": cluster.name,
+            "timezone": cluster.timezone,
+            "accounting": cluster.accounting,
+        },
         "network": {
             "subnet": str(net.subnet),
             "prefixlen": net.prefixlen,

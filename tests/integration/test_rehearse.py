@@ -122,10 +122,16 @@ BUG_CHECKS = {
 }
 
 
+# job history: the trixie cluster keeps the default completion log, the bookworm one has
+# slurmdbd and MariaDB on its head (sacct), so CI rehearses each
+ACCOUNTING = {"trixie": "jobcomp", "bookworm": "slurmdbd"}
+
+
 def _cluster_yaml(env, suite: str) -> str:
-    return CLUSTER4_YAML.format(key=pubkey(env), node02_ip="10.0.0.12").replace(
+    text = CLUSTER4_YAML.format(key=pubkey(env), node02_ip="10.0.0.12").replace(
         "base: raspios-lite-arm64\n", f"base: {BASES[suite]}\n"
     )
+    return text + ("accounting: slurmdbd\n" if ACCOUNTING[suite] == "slurmdbd" else "")
 
 
 @pytest.fixture(scope="module")
@@ -322,10 +328,15 @@ def test_rehearsal_of_a_working_cluster(rehearsal):
         r"sbatch pi\.sbatch: pi = 3\.14159265\d+ from 8 ranks on node01,node02; ",
         checks[("examples", "head")]["summary"],
     ), checks[("examples", "head")]
+    jobs = r"\d+ OUT_OF_MEMORY, \d+ COMPLETED, array \d+ COMPLETED"
     assert re.fullmatch(
-        r"/var/log/slurm/jobcomp\.log lists \d+ OUT_OF_MEMORY, \d+ COMPLETED, array \d+ COMPLETED",
+        (rf"sacct lists {jobs}; " if ACCOUNTING[suite] == "slurmdbd" else "")
+        + rf"/var/log/slurm/jobcomp\.log lists {jobs}",
         checks[("history", "head")]["summary"],
     ), checks[("history", "head")]
+    if ACCOUNTING[suite] == "slurmdbd":  # its database and daemon are up on the head
+        assert "mariadb" in checks[("services", "head")]["summary"], checks[("services", "head")]
+        assert "slurmdbd" in checks[("services", "head")]["summary"]
     # bookworm's nodes have the 512 MB swap file of Raspberry Pi OS (dphys-swapfile), and the
     # job over its memory was killed all the same; the trixie stand-in has no rpi-swap (README)
     swap = re.search(r"\(swap (\d+) MiB\)", checks[("oom", "head")]["summary"])

@@ -187,7 +187,7 @@ def test_cluster_context_is_plain_data_without_secrets(tmp_path):
         (n["memory_mb"] - n["mem_spec_mb"]) // n["cpus"] for n in ctx["compute_nodes"]
     )
     assert any(n["hostname"] == "head" for n in ctx["compute_nodes"])
-    assert ctx["cluster"] == {"name": "lab", "timezone": "Etc/UTC"}
+    assert ctx["cluster"] == {"name": "lab", "timezone": "Etc/UTC", "accounting": "jobcomp"}
     assert ctx["network"] == {
         "subnet": "10.0.0.0/24",
         "prefixlen": 24,
@@ -286,7 +286,7 @@ SINGLE_PROBLEMS = [
      "cluster.yaml:2: secrets_dir: /etc is a system or shared directory"),
     ("ip: 10.0.0.11}", "ip: 10.0.0.11, hardware: {real_memory: lots}}",
      "cluster.yaml:12: nodes[1].hardware.real_memory: expected a whole number, got text"),
-    ("name: lab", "name: lab\nzzz: 1", "cluster.yaml:2: zzz: unknown key 'zzz' (known: admin, apt, base,"),
+    ("name: lab", "name: lab\nzzz: 1", "cluster.yaml:2: zzz: unknown key 'zzz' (known: accounting, admin, apt,"),
     # wrong types
     ("name: lab", "name: [lab]", "cluster.yaml:1: name: expected text, got a list"),
     ("  dns: [10.0.0.1, 1.1.1.1]", "  dns: {a: 1}",
@@ -380,6 +380,10 @@ SINGLE_PROBLEMS = [
      "cluster.yaml:2: cluster_user.name: 'slurm' is a system account"),
     ("name: lab", "name: lab\ncluster_user: {uid: 1000}",
      "cluster.yaml:2: cluster_user.uid: 1000 must be from 1001 to 59999"),
+    ("name: lab", "name: lab\naccounting: mysql",
+     "cluster.yaml:2: accounting: 'mysql' is not a kind of job history: jobcomp (a job "
+     "completion log on the head, the default); slurmdbd (slurmdbd and MariaDB on the head, "
+     "for sacct and sreport)"),
     # names, storage, stages, URLs, base
     ("name: lab", "name: -lab", "cluster.yaml:1: name: '-lab' is not a valid cluster name"),
     ("name: lab", "name: lab\nshared: {path: clusterfs}",

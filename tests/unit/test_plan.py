@@ -67,6 +67,47 @@ def test_head_that_runs_jobs_gets_slurmd(tmp_path):
     )
 
 
+def test_accounting_slurmdbd_gives_the_head_slurmdbd_and_its_database(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(YAML % "false" + "accounting: slurmdbd\n")
+    cluster = inv.load(tmp_path / "cluster.yaml")
+    assert cluster.accounting == "slurmdbd" and cluster.head.facts.slurmdbd
+    bp = build.plan(cluster, cluster.nodes, keys=build.cluster_keys(cluster), out_dir=tmp_path)
+    head = bp.profiles["head"]
+    assert {"slurmdbd", "mariadb-server"} <= set(head.packages)
+    assert {"mariadb.service", "slurmdbd.service"} <= set(head.enable)
+    assert "slurmdbd" not in bp.profiles["node01"].packages
+    hf = files(bp, "head")
+    dbd = hf["/etc/slurm/slurmdbd.conf"]
+    assert (dbd.mode, dbd.owner, dbd.group) == (0o600, "slurm", "slurm")
+    text = dbd.data.decode()
+    assert "StorageType=accounting_storage/mysql" in text and "DbdHost=head" in text
+    assert "StoragePass" not in text  # unix_socket: MariaDB knows slurm by its uid
+    assert (
+        "IDENTIFIED VIA unix_socket"
+        in hf["/etc/systemd/system/piimage-slurm-db.service"].data.decode()
+    )
+    assert (
+        "After=slurmdbd.service"
+        in hf["/etc/systemd/system/slurmctld.service.d/piimage-after-slurmdbd.conf"].data.decode()
+    )
+    pn = next(p for p in bp.nodes if p.hostname == "head")
+    assert "piimage-slurm-db.service" in pn.stamp.enable
+    # slurm.conf, the same everywhere, sends the records to the head's slurmdbd
+    for host in ("head", "node01"):
+        conf = files(bp, host)["/etc/slurm/slurm.conf"].data.decode()
+        assert "AccountingStorageType=accounting_storage/slurmdbd" in conf
+        assert "AccountingStorageHost=head" in conf and "JobCompType=jobcomp/filetxt" in conf
+    assert not [p for p in files(bp, "node01") if "slurmdbd" in p or "slurm-db" in p]
+    # the default: no database, the completion log
+    (tmp_path / "plain").mkdir()
+    plain = files(plan_for(tmp_path / "plain", False), "head")
+    assert "/etc/slurm/slurmdbd.conf" not in plain
+    assert (
+        "AccountingStorageType=accounting_storage/none"
+        in plain["/etc/slurm/slurm.conf"].data.decode()
+    )
+
+
 def test_missing_layers_are_built_side_by_side_and_cached_ones_kept(tmp_path, monkeypatch):
     """ensure_layers builds the layers it lacks at the same time (one per core) and takes the
     others from the cache; each concurrent build gets a private apt archive."""

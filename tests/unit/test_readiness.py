@@ -13,7 +13,7 @@ from piimage.rehearse.vm import NodeState
 
 
 def _node(name, ip, **facts):
-    f = dict(munge=True, slurmctld=False, nfs_server=False, slurmd=False) | facts
+    f = dict(munge=True, slurmctld=False, nfs_server=False, slurmd=False, slurmdbd=False) | facts
     return SimpleNamespace(hostname=name, ip=ip, facts=SimpleNamespace(**f))
 
 

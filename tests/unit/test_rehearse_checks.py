@@ -92,6 +92,10 @@ class FakeCluster:
                 for i in range(8)
             )
         )
+        # sacct -X -n -P -o JobID,State (accounting: slurmdbd): the same jobs
+        self.sacct = "7|OUT_OF_MEMORY\n8|COMPLETED\n" + "".join(
+            f"9_{i}|COMPLETED\n" for i in range(8)
+        )
         nodes = [
             _node("head", "10.0.0.1", head=True),
             _node("node01", "10.0.0.11"),
@@ -110,6 +114,7 @@ class FakeCluster:
             shared=NS(path="/srv/shared", device_uuid=None),
             cluster_user=NS(name="mpi", home="/srv/shared/home/mpi"),
             admin=NS(name="admin"),
+            accounting="jobcomp",
             job_nodes=tuple(nodes[1:]),  # the cluster's hostfile lists these
         )
 
@@ -167,6 +172,7 @@ class FakeCluster:
             (r"\| sha256sum'?$", f"{self.seen_digest.get(st.name, '')}  -"),
             (r"^cd \S+ 2>/dev/null .*cat /var/log/slurm/jobcomp\.log", self.jobcomp),
             (r"sbatch --parsable --wait", self.oom_job),
+            (r"sacct -X -n -P -o JobID,State -j 7,8,9'?$", self.sacct),
             (r"^awk '/\^SwapTotal:/", "511"),
             (
                 r"--do-not-launch",
@@ -453,6 +459,27 @@ def test_example_jobs_that_go_wrong_are_named(tmp_path, monkeypatch):
     hist = results["history", "head"]
     assert not hist.ok
     assert hist.summary == "/var/log/slurm/jobcomp.log lacks 7 OUT_OF_MEMORY"
+
+
+def test_sacct_lists_the_jobs_with_accounting_slurmdbd(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # the wait for slurmdbd's records
+    fake = FakeCluster(tmp_path, {"node01": "idle", "node02": "idle"})
+    fake.cluster.accounting = "slurmdbd"
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    hist = results["history", "head"]
+    assert hist.ok and hist.summary == (
+        "sacct lists 7 OUT_OF_MEMORY, 8 COMPLETED, array 9 COMPLETED; "
+        "/var/log/slurm/jobcomp.log lists 7 OUT_OF_MEMORY, 8 COMPLETED, array 9 COMPLETED"
+    )
+    query = next(s for h, s in fake.calls if "sacct" in s)
+    assert "runuser -u mpi" in query  # what a user sees, not root
+    # a task missing (slurmdbd down while it ended) or a state that differs is named
+    fake.sacct = "7|CANCELLED by 0\n8|COMPLETED\n" + "".join(f"9_{i}|COMPLETED\n" for i in range(7))
+    results = {(c.name, c.node): c for c in run_checks(fake.context())}
+    hist = results["history", "head"]
+    assert not hist.ok
+    assert hist.summary.startswith("sacct lacks 7 OUT_OF_MEMORY, array 9 COMPLETED; ")
+    assert "$ sacct -X -n -P -o JobID,State -j 7,8,9" in hist.output
 
 
 def test_examples_are_not_run_when_a_drive_is_the_shared_directory(tmp_path):

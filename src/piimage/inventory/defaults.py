@@ -84,9 +84,12 @@ shared:                               # exported by the head over NFS, mounted o
   path: {DEFAULT_SHARED_PATH}
   device_uuid: null                   # a USB drive's filesystem UUID (lsblk -f), or null
 
-cluster_user:                         # runs MPI jobs; the same UID on every node
+cluster_user:                         # runs MPI jobs; the same UID on every node, home in shared
   name: {DEFAULT_CLUSTER_USER[0]}
   uid: {DEFAULT_CLUSTER_USER[1]}
+
+accounting: jobcomp                   # job history: jobcomp (a log on the head) or slurmdbd
+                                      # (slurmdbd + MariaDB on the head: sacct, sreport)
 
 stages: []                            # stage directories of your own, e.g. [my-stages]
 

@@ -106,6 +106,8 @@ class Cluster:
     shared: SharedStorage = SharedStorage()
     cluster_user: ClusterUser = ClusterUser()
     stages: tuple[Path, ...] = ()  # absolute, existing
+    # job history: "jobcomp" (a completion log on the head) or "slurmdbd" (sacct, sreport)
+    accounting: str = "jobcomp"
     # the node profiles the inventory was checked against, by role (the build uses the same)
     roles: Mapping[str, Profile] = field(default_factory=dict, compare=False, repr=False)
 

@@ -46,7 +46,11 @@ from .sshkeys import _authorized_keys
 # fmt: off
 TOP_KEYS = {
     "name", "base", "base_sha256", "network", "admin", "timezone", "hardware", "secrets_dir",
-    "apt", "shared", "cluster_user", "stages", "nodes",
+    "apt", "shared", "cluster_user", "stages", "nodes", "accounting",
+}
+ACCOUNTING = {
+    "jobcomp": "a job completion log on the head, the default",
+    "slurmdbd": "slurmdbd and MariaDB on the head, for sacct and sreport",
 }
 NETWORK_KEYS = {"subnet", "gateway", "dns", "interface"}
 ADMIN_KEYS = {"name", "ssh_authorized_keys", "password_hash"}
@@ -317,6 +321,15 @@ def _cluster_user(doc: dict, ck: _Checker, admin: AdminUser, shared: SharedStora
     return ClusterUser(name, uid or DEFAULT_CLUSTER_USER[1], shared.path)
 
 
+def _accounting(doc: dict, ck: _Checker) -> str:
+    value = ck.text(doc, "accounting", (), "jobcomp") or "jobcomp"
+    if value not in ACCOUNTING:
+        kinds = "; ".join(f"{k} ({what})" for k, what in ACCOUNTING.items())
+        ck.add(("accounting",), f"'{value}' is not a kind of job history: {kinds}")
+        return "jobcomp"
+    return value
+
+
 def _stages(doc: dict, ck: _Checker, base_dir: Path, home: Path) -> tuple[Path, ...]:
     dirs = []
     for p, entry in ck.text_list(doc, "stages", (), "a directory", "directories") or []:
@@ -365,6 +378,7 @@ def _nodes(
     network: Network | None,
     hardware: Hardware | None,
     roles: Mapping[str, Profile],
+    accounting: str = "jobcomp",
 ) -> tuple[Node, ...]:
     raw = doc.get("nodes")
     if raw is None:
@@ -378,7 +392,7 @@ def _nodes(
     seen = _Seen()
     nodes = []
     for i, item in enumerate(raw):
-        node = _node(item, ("nodes", i), ck, network, hardware, roles, seen)
+        node = _node(item, ("nodes", i), ck, network, hardware, roles, seen, accounting)
         if node:
             nodes.append(node)
     controllers = sorted(r for r, prof in roles.items() if prof.facts.slurmctld)
@@ -396,6 +410,7 @@ def _node(
     hardware: Hardware | None,
     roles: Mapping[str, Profile],
     seen: _Seen,
+    accounting: str = "jobcomp",
 ) -> Node | None:
     if not isinstance(item, dict):
         ck.add(p, f"expected a mapping with hostname, role and ip, got {_type_name(item)}")
@@ -420,7 +435,8 @@ def _node(
         ck.add(p + ("runs_jobs",), f"a {role} node always runs jobs; give it another role instead")
     runs_jobs = profile.facts.slurmd if runs_jobs is None else runs_jobs
     if host and ip and hw:
-        return Node(host, role, ip, hw, runs_jobs, effective(profile, runs_jobs).facts)
+        facts = effective(profile, runs_jobs, accounting).facts
+        return Node(host, role, ip, hw, runs_jobs, facts)
     return None
 
 
@@ -535,7 +551,8 @@ def _validate(
     shared = _shared(top, ck)
     cluster_user = _cluster_user(top, ck, admin, shared)
     stages = _stages(top, ck, base_dir, home)
-    nodes = _nodes(top, ck, network, hardware, roles)
+    accounting = _accounting(top, ck)
+    nodes = _nodes(top, ck, network, hardware, roles, accounting)
     if ck.problems:
         raise InventoryError(ck.problems)
     assert network is not None and hardware is not None  # each would have been a problem
@@ -556,4 +573,5 @@ def _validate(
         cluster_user=cluster_user,
         stages=stages,
         roles=roles,
+        accounting=accounting,
     )

@@ -102,6 +102,8 @@ def role_units(node: Node) -> list[str]:
         ("slurmctld", f.slurmctld),
         ("nfs-server", f.nfs_server),
         ("slurmd", f.slurmd),
+        ("mariadb", f.slurmdbd),
+        ("slurmdbd", f.slurmdbd),
     ]
     return [u for u, on in units if on]
 
@@ -355,7 +357,7 @@ def enablement(ctx: Context, st: Target) -> None:
     profile = ctx.cluster.roles.get(st.node.role)
     if profile is None:
         return
-    profile = effective(profile, st.node.runs_jobs)
+    profile = effective(profile, st.node.runs_jobs, ctx.cluster.accounting)
     want = {u: "enabled" for u in profile.enable} | {u: "disabled" for u in profile.disable}
     if not want:
         return
@@ -909,10 +911,7 @@ def history(ctx: Context) -> None:
         time.sleep(3)
     ok = rc == 0 and not missing
     listed = ", ".join(f"{job} {state}" for job, state in want.items())
-    ctx.add(
-        "history",
-        ctx.head.name,
-        ok,
+    summary = (
         f"{JOBCOMP_LOG} lists {listed}"
         if ok
         else f"{JOBCOMP_LOG} "
@@ -920,10 +919,44 @@ def history(ctx: Context) -> None:
             f"unreadable by {ctx.cluster.cluster_user.name} (exit {rc})"
             if rc
             else "lacks " + ", ".join(missing)
-        ),
-        text,
-        t0,
+        )
     )
+    if ctx.cluster.accounting == "slurmdbd":
+        db_ok, db_summary, db_text = _sacct_history(ctx, want)
+        ok, summary, text = ok and db_ok, f"{db_summary}; {summary}", f"{db_text}\n{text}"
+    ctx.add("history", ctx.head.name, ok, summary, text, t0)
+
+
+def _sacct_history(ctx: Context, want: dict[str, str]) -> tuple[bool, str, str]:
+    """sacct, as the cluster user, lists the same jobs with the same states: the records
+    slurmctld sent to slurmdbd (accounting: slurmdbd). With -j, sacct does not stop at today."""
+    ids = ",".join(job.split()[-1] for job in want)
+    cmd = f"sacct -X -n -P -o JobID,State -j {ids}"
+    missing: list[str] = []
+    rc, text = 1, ""
+    for _ in range(10):  # slurmctld sends a finished job to slurmdbd through a queue
+        rc, text = ctx.call(ctx.head, ctx.as_user(cmd))
+        missing = [
+            f"{job} {state}" for job, state in want.items() if not _in_sacct(text, job, state)
+        ]
+        if rc == 0 and not missing:
+            break
+        time.sleep(3)
+    listed = ", ".join(f"{job} {state}" for job, state in want.items())
+    if rc == 0 and not missing:
+        return True, f"sacct lists {listed}", text
+    why = f"failed (exit {rc})" if rc else "lacks " + ", ".join(missing)
+    return False, f"sacct {why}", f"$ {cmd}\n{text}"
+
+
+def _in_sacct(text: str, job: str, state: str) -> bool:
+    """Whether `sacct -X -n -P -o JobID,State` printed `job` ("123", or "array 124": every
+    task 124_<n>) in `state` (sacct may add "by <uid>" to CANCELLED: the first word counts)."""
+    rows = [ln.split("|") for ln in text.splitlines() if ln.count("|") == 1]
+    if job.startswith("array "):
+        tasks = [s for j, s in rows if re.fullmatch(rf"{job.split()[1]}_\d+", j)]
+        return len(tasks) == SWEEP_TASKS and all(t.split()[0] == state for t in tasks)
+    return any(j == job and s.split()[:1] == [state] for j, s in rows)
 
 
 def _logged(log_text: str, job: str, state: str) -> bool:
