@@ -6,6 +6,7 @@ scripts/test's two lanes."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,48 @@ class _LaneReports:
                 "PIIMAGE_TEST_LANES=0",
                 returncode=4,
             )
+
+
+# The caches a run keeps for the next (tests/integration/clihelp.py's PERSISTENT_CACHE): role
+# layers, one per profile and base, ~1-3 GB each, and nothing else ever removes those that the
+# code no longer makes. A machine that runs the suite again and again (CI's does) fills its disk:
+# one CI run found 1.6 GiB free and a build refused to start. So each run first trims the layer
+# cache to LAYER_CACHE_CAP, least recently used first (piimage's own `cache --prune`).
+LAYER_CACHE_CAP = 24 * 2**30
+
+
+def _trim_layer_cache() -> None:
+    import os
+
+    from piimage import cache
+
+    root = Path(os.environ.get("PIIMAGE_TEST_CACHE", Path.home() / ".cache" / "piimage"))
+    layers = root / "layers"
+    if not layers.is_dir():
+        return
+    saved = os.environ.get("PIIMAGE_LAYER_CACHE")
+    os.environ["PIIMAGE_LAYER_CACHE"] = str(layers)
+    try:
+        found = [e for e in cache.entries() if e.kind == "role layer"]
+        chosen = cache.to_prune(
+            found, older_than_days=None, max_bytes=LAYER_CACHE_CAP, now=time.time()
+        )
+        gone = cache.prune(chosen, dry_run=False)
+    finally:
+        if saved is None:
+            os.environ.pop("PIIMAGE_LAYER_CACHE", None)
+        else:
+            os.environ["PIIMAGE_LAYER_CACHE"] = saved
+    if gone:
+        freed = sum(e.size for e in gone) / 2**30
+        print(f"tests: trimmed the layer cache {layers}: {len(gone)} old layers, {freed:.1f} GiB")
+
+
+def pytest_sessionstart(session):
+    """The controller (or the one process without xdist) trims the layer cache before any
+    test: a worker must not, it would race the other worker's builds."""
+    if not hasattr(session.config, "workerinput"):
+        _trim_layer_cache()
 
 
 def pytest_configure(config):

@@ -91,13 +91,22 @@ def test_accounting_slurmdbd_gives_the_head_slurmdbd_and_its_database(tmp_path):
         in hf["/etc/systemd/system/slurmctld.service.d/piimage-after-slurmdbd.conf"].data.decode()
     )
     pn = next(p for p in bp.nodes if p.hostname == "head")
-    assert "piimage-slurm-db.service" in pn.stamp.enable
+    assert {"piimage-mariadb-init.service", "piimage-slurm-db.service"} <= set(pn.stamp.enable)
+    # the data directory that mariadb-server's postinst left under QEMU is emptied; the system
+    # tables are made on the board's first boot, before MariaDB starts
+    assert "/var/lib/mysql/*" in pn.stamp.remove
+    init = hf["/etc/systemd/system/piimage-mariadb-init.service"].data.decode()
+    assert "ExecStart=/usr/bin/mariadb-install-db --user=mysql" in init
+    assert "Before=mariadb.service" in init and "RequiredBy=mariadb.service" in init
     # slurm.conf, the same everywhere, sends the records to the head's slurmdbd
     for host in ("head", "node01"):
         conf = files(bp, host)["/etc/slurm/slurm.conf"].data.decode()
         assert "AccountingStorageType=accounting_storage/slurmdbd" in conf
         assert "AccountingStorageHost=head" in conf and "JobCompType=jobcomp/filetxt" in conf
     assert not [p for p in files(bp, "node01") if "slurmdbd" in p or "slurm-db" in p]
+    assert (
+        "/var/lib/mysql/*" not in next(p for p in bp.nodes if p.hostname == "node01").stamp.remove
+    )
     # the default: no database, the completion log
     (tmp_path / "plain").mkdir()
     plain = files(plan_for(tmp_path / "plain", False), "head")
