@@ -533,3 +533,75 @@ def test_changed_ip_reuses_role_layers(cluster_all, env, tmp_path):
             assert "NodeName=node02 NodeAddr=10.0.0.22" in v.text("/etc/slurm/slurm.conf")
     # the earlier build's .img.zst no longer matches the new .img: it is gone, not left stale
     assert not (out / "node02.img.zst").exists() and not (out / "node02.img.zst.sha256").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Installed, not run from the checkout (issue 14): a wheel of this tree in a fresh venv.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.late_in_bookworm_lane  # needs the trixie layers that cluster_all made
+def test_an_installed_wheel_works_outside_the_checkout(cluster_all, env, tmp_path):
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    wheels = tmp_path / "wheels"
+    # this venv's setuptools builds it (no download of a build environment)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(wheels), str(repo)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = wheels.glob("piimage-*.whl")
+    venv = tmp_path / "venv"  # as README says: Debian's python3 and its python3-guestfs
+    subprocess.run(
+        ["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)], check=True
+    )
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True
+    )
+    e = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PIIMAGE_DATA_DIR")}
+    e["PATH"] = f"{venv / 'bin'}:{e['PATH']}"
+
+    def run(args, cwd):
+        p = subprocess.run(
+            [str(venv / "bin" / "piimage"), *args],
+            env=e,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert p.returncode == 0, f"piimage {' '.join(args)}: {p.returncode}\n{p.stderr[-3000:]}"
+        return p
+
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import piimage; print(piimage.__file__)"],
+        env=e,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert where.startswith(str(venv)), f"piimage came from {where}, not the installed wheel"
+    version = run(["--version"], tmp_path).stdout
+    assert re.fullmatch(r"piimage, version \d+\.\d+\.\d+\S*\n", version), version
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    run(["init"], fresh)
+    assert (fresh / "cluster.yaml").is_file()
+    p = run(["check"], fresh)
+    checked = p.stdout + p.stderr
+    # the stages and node profiles came from the package's data, not from a checkout
+    assert "55-slurm" in checked and "80-examples" in checked, checked
+    # a node build with the installed tool, from the stand-in, with the session's layers
+    cwd = copy_of(cluster_all[0], tmp_path / "cluster")
+    built = run(["build", "--hostname", "node01", "--compress", "none"], cwd)
+    assert "role layer compute: cached" in built.stderr, built.stderr[-2000:]
+    img = cwd / "out" / "testcluster" / "node01.img"
+    manifest = json.loads((cwd / "out" / "testcluster" / "manifest.json").read_text())
+    assert manifest["nodes"]["node01"]["sha256"] == _sha(img)
+    with open_images([img]) as (v,):
+        with v.mounted():
+            assert v.text("/etc/hostname") == "node01\n"
+            assert "NodeName=node01" in v.text("/etc/slurm/slurm.conf")
