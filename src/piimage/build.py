@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fetch, lock, render, settings
+from . import fetch, identify, lock, render, settings
 from .disk import overlay as cow_overlay
 from .errors import BuildError, UserError
 from .fsutil import allocated, ensure_space, exclusive
@@ -108,12 +108,18 @@ def cluster_keys(cluster: Cluster) -> ClusterKeys:
     )
 
 
-def stand_in_keys(cluster: Cluster) -> ClusterKeys:
+def stand_in_keys(cluster: Cluster, variant: int = 0) -> ClusterKeys:
     """Keys of the right shape that are nobody's, for planning without the secrets directory
-    (`piimage check` renders every node's plan with them; nothing is generated or read)."""
-    pub = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
-    pair = KeyPair(b"not a key\n", pub)
-    return ClusterKeys(hosts={n.hostname: pair for n in cluster.nodes}, cluster_ssh=pair, munge=b"")
+    (`piimage check` renders every node's plan with them; nothing is generated or read).
+    Another `variant` gives other keys: what differs between two such plans holds keys."""
+    body = "AB"[variant % 2] * 43
+    pub = f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{body}"
+    pair = KeyPair(f"not a key {variant}\n".encode(), pub)
+    return ClusterKeys(
+        hosts={n.hostname: pair for n in cluster.nodes},
+        cluster_ssh=pair,
+        munge=bytes([variant]) * 32,
+    )
 
 
 def plan(
@@ -390,6 +396,12 @@ def _execute(bp: BuildPlan, lockfile: Path | None, out: Path) -> list[Path]:
         for job in jobs:
             cow_overlay(job.layer, job.overlay, what=f"qemu-img create for {job.planned.hostname}")
         admin = Admin(bp.cluster.admin.name, bp.cluster.admin.password_hash)
+        base_record = {
+            "name": base.name,
+            "source": fetch.public_url(base.source),
+            "sha256": base.sha256,
+            "release_date": base.release_date,
+        }
         with Publisher(bp, out, published) as publisher:
             with GuestSession([job.overlay for job in jobs]) as session:
                 checked: set[Path] = set()  # overlays of one layer share its partition layout
@@ -402,6 +414,14 @@ def _execute(bp: BuildPlan, lockfile: Path | None, out: Path) -> list[Path]:
                         cluster_name=bp.cluster.name,
                         admin=admin,
                         check_layout=job.layer not in checked,
+                        identity=identify.record(
+                            cluster=bp.cluster.name,
+                            node=p.hostname,
+                            role=p.role,
+                            base=base_record,
+                            layer=job.layer.name,
+                            layer_info=layer_info(job.layer),
+                        ),
                     )
                     checked.add(job.layer)
                     # stamp() ends with a sync, which reaches the overlay file: it can be
@@ -409,15 +429,7 @@ def _execute(bp: BuildPlan, lockfile: Path | None, out: Path) -> list[Path]:
                     publisher.submit(job, written)
             manifest_nodes = publisher.results()
         manifest = update_manifest(
-            out / "manifest.json",
-            {"name": bp.cluster.name},
-            {
-                "name": base.name,
-                "source": base.source,
-                "sha256": base.sha256,
-                "release_date": base.release_date,
-            },
-            manifest_nodes,
+            out / "manifest.json", {"name": bp.cluster.name}, base_record, manifest_nodes
         )
         write_imager_repo(out, bp.cluster.name, manifest["nodes"], bp.url_base)
         write_sha256sums(out)

@@ -308,6 +308,51 @@ def rehearse(inventory, out_dir, nodes, timeout, as_json, verbose, quiet):
 
 
 @main.command()
+@click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-i",
+    "--inventory",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also say how each card differs from what a build from this cluster.yaml would write.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@common_options
+@handle_errors
+def inspect(targets, inventory, as_json, verbose, quiet):
+    """Say which node each IMAGE, compressed image or flashed card (a block device) is: its
+    cluster, role, base, build and key package versions. Read-only."""
+    _setup_logging(verbose, quiet)
+    import json
+
+    from . import build, identify
+
+    planned = None
+    if inventory is not None:
+        cluster = _load_cluster(inventory)
+        # two plans with different stand-in keys: a file that differs between them holds keys
+        # (never read from the secrets directory here), and is not compared
+        a, b = (
+            build.plan(
+                cluster, cluster.nodes, keys=build.stand_in_keys(cluster, v), out_dir=Path("out")
+            )
+            for v in (0, 1)
+        )
+        planned = {
+            pa.hostname: identify.comparable(pa.stamp.files, pb.stamp.files)
+            for pa, pb in zip(a.nodes, b.nodes)
+        }
+    found = identify.inspect(list(targets), planned)
+    if as_json:
+        click.echo(json.dumps([f.to_json() for f in found], indent=2))
+        return
+    for n, item in enumerate(found):
+        if n:
+            click.echo("")
+        for line in identify.text_report(item):
+            click.echo(_printable(line))
+
+
+@main.command()
 @click.option("--prune", is_flag=True, help="Remove role layers and base images (see below).")
 @click.option(
     "--older-than",

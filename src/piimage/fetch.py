@@ -352,3 +352,14 @@ def fetch_base(
         log.info("base image %s: cached", name)
     # the source as published, not the mirror it was fetched from (manifest, lock)
     return BaseImage(name, upstream, expected, raw, raw.stat().st_size, release)
+
+
+def public_url(url: str) -> str:
+    """A URL as it may be shown or written into an image or a manifest: without the
+    `user:password@` a private mirror's URL may carry."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))

@@ -174,8 +174,15 @@ class Disk:
         self.g.pwrite_device(self.device, int(disk_id, 16).to_bytes(4, "little"), 440)
 
     # -- mounting -------------------------------------------------------------------------------
-    def mount(self) -> None:
+    def mount(self, *, readonly: bool = False) -> None:
+        """The root filesystem on /, the FAT on /boot/firmware. Read-only (a card or an image
+        that is only read): nothing is written, not even the replay of a used card's ext4
+        journal (noload)."""
         self.g.umount_all()
+        if readonly:
+            self.g.mount_options("ro,noload", self.partition(2), "/")
+            self.g.mount_ro(self.partition(1), BOOT_MOUNT)
+            return
         self.g.mount(self.partition(2), "/")
         if not self.g.is_dir(BOOT_MOUNT):
             self.g.mkdir_p(BOOT_MOUNT)

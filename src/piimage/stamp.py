@@ -242,23 +242,34 @@ class TarBuilder:
         return self.buf.getvalue()
 
 
+# What the card says of itself (`piimage inspect`): cluster, node, role, base, build, versions.
+IDENTITY = "/etc/piimage/image.json"
+
+
 def stamp(
-    disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin, check_layout: bool = True
+    disk: Disk,
+    plan: NodePlan,
+    *,
+    cluster_name: str,
+    admin: Admin,
+    check_layout: bool = True,
+    identity: bytes | None = None,
 ) -> list[WrittenFile]:
     """Write one node's identity and rendered files into its disk. Reads first, then changes
     in memory, then one tar for the root filesystem and a few writes for the FAT — libguestfs
-    calls are slow on a TCG-only host, so they are kept few."""
+    calls are slow on a TCG-only host, so they are kept few. `identity` (JSON) goes to
+    IDENTITY."""
     if check_layout:
         disk.check_layout()
     disk.mount()
     try:
-        return _stamp_mounted(disk, plan, cluster_name=cluster_name, admin=admin)
+        return _stamp_mounted(disk, plan, cluster_name=cluster_name, admin=admin, identity=identity)
     finally:
         disk.umount()
 
 
 def _stamp_mounted(
-    disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin
+    disk: Disk, plan: NodePlan, *, cluster_name: str, admin: Admin, identity: bytes | None = None
 ) -> list[WrittenFile]:
     where = disk.path
 
@@ -305,6 +316,9 @@ def _stamp_mounted(
         # card that is not yet booted that is when it was built (fake-hwclock only moves the
         # clock forward, so a stale file from the base or the role layer would set it back).
         tar.file(FAKE_HWCLOCK_DATA, fake_hwclock_data(time.time()), 0o644, 0, 0)
+    if identity is not None:
+        tar.dir(IDENTITY.rsplit("/", 1)[0], 0o755, 0, 0)
+        tar.file(IDENTITY, identity, 0o644, 0, 0)
     for path in sorted(acc.changed):
         mode, group = ACCOUNT_FILES[path]
         tar.file(

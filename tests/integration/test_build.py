@@ -439,6 +439,48 @@ def test_the_lock_keeps_the_base_until_asked(env, standin_bookworm, standin_raw,
         assert manifest["base"]["sha256"] == new_sha
 
 
+# `piimage inspect` (issue 14): which node each image is, read-only; with an inventory, drift.
+def test_inspect_names_each_node_and_its_drift(cluster_all, env, tmp_path):
+    cwd = cluster_all[0]
+    out = cwd / "out" / "testcluster"
+    hosts = ("head", "node01", "node02")
+    imgs = [out / f"{h}.img" for h in hosts]
+    manifest = json.loads((out / "manifest.json").read_text())
+    proc = piimage(
+        ["inspect", "--json", "-i", str(cwd / "cluster.yaml"), *map(str, imgs)], env, cwd
+    )
+    docs = json.loads(proc.stdout)
+    assert [d["identity"]["node"] for d in docs] == list(hosts)
+    for doc, h in zip(docs, hosts):
+        ident, built = doc["identity"], manifest["nodes"][h]
+        assert (ident["cluster"], ident["role"]) == ("testcluster", built["role"])
+        assert ident["base"]["sha256"] == manifest["base"]["sha256"]
+        assert ident["role_layer"] == built["role_layer"] and ident["release"] == "trixie"
+        # read from the card's dpkg status: the versions the manifest has from the layer
+        assert doc["packages"] and all(
+            built["packages"][p] == v for p, v in doc["packages"].items()
+        )
+        # the inventory it was built from: nothing drifted (files with keys are not compared)
+        assert doc["drift"] == [], doc["drift"]
+        assert doc["drift_not_compared"] > 0
+    assert {"slurmctld", "munge"} <= set(docs[0]["packages"])
+    assert {"slurmd", "munge", "openmpi-bin", "python3-mpi4py"} <= set(docs[1]["packages"])
+    # node02 moved to another address in cluster.yaml: its card and the head's drifted
+    moved = tmp_path / "cluster.yaml"
+    moved.write_text(CLUSTER_YAML.format(key=pubkey(env), node02_ip="10.0.0.22"))
+    said = piimage(["inspect", "-i", str(moved), str(imgs[2]), str(imgs[0])], env, cwd).stdout
+    assert f"{imgs[2]}: node node02 of cluster testcluster (compute)" in said
+    node02, head = said.split(f"\n\n{imgs[0]}: ")
+    assert "/etc/NetworkManager/system-connections/cluster-eth0.nmconnection: differs" in node02
+    assert "+address1=10.0.0.22/24" in node02 and "-address1=10.0.0.12/24" in node02
+    for text in (node02, head):
+        assert "/etc/hosts: differs" in text and "/etc/slurm/slurm.conf: differs" in text
+        assert "+NodeName=node02 NodeAddr=10.0.0.22" in text
+    assert "nmconnection" not in head
+    # read-only: the image is the one the manifest names
+    assert _sha(imgs[2]) == manifest["nodes"]["node02"]["sha256"]
+
+
 # --------------------------------------------------------------------------------------------
 # Outputs every flashing tool takes (xz, the default of --all: see tests/unit/test_cli.py).
 # --------------------------------------------------------------------------------------------
@@ -497,6 +539,10 @@ def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
         xz
     )
     assert it["init_format"] == "none" and "pi4-64bit" in it["devices"] and it["release_date"]
+    # `piimage inspect` reads the compressed image too (unpacked to a temporary file, removed)
+    said = piimage(["inspect", str(xz)], env, cwd).stdout
+    assert said.startswith(f"{xz}: node node01 of cluster testcluster (compute)"), said
+    assert not list((Path(env["PIIMAGE_CACHE"]) / "work").glob("*-inspect-*"))
     # SHA256SUMS covers the folder and checks out
     sums = (out / "SHA256SUMS").read_text()
     assert "node01.img.xz" in sums and "os_list.json" in sums and "manifest.json" in sums
