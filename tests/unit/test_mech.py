@@ -64,3 +64,17 @@ def test_apt_mirrors_cover_every_archive_of_the_real_image():
     assert "URIs: https://m.lan/debian/\n" in out
     assert "URIs: http://deb.debian.org/debian-security/\n" in out
     assert with_mirrors(trixie, {}) == trixie
+
+
+def test_emulated_programs_run_on_a_pis_cpu(monkeypatch):
+    """Every chroot command gets QEMU_CPU: the Pi's cores, not QEMU's default `max` (whose
+    emulated pointer authentication no Pi has), the same CPU the rehearsal's VMs have."""
+    from piimage import emulate, piboot
+
+    seen = []
+    monkeypatch.setattr(emulate, "run", lambda argv, **kw: seen.append(argv))
+    c = emulate.Chroot("/nonexistent.img")
+    c.run(["true"], what="t")
+    (argv,) = seen
+    assert argv[:2] == ["env", "-i"] and f"QEMU_CPU={piboot.CPU}" in argv
+    assert piboot.CPU == "cortex-a72"

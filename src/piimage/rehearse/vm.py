@@ -98,7 +98,7 @@ def qemu_command(st: NodeState, kernel: GuestKernel, hub_port: int, cmdline: str
         "-M",
         "virt",
         "-cpu",
-        "cortex-a72",
+        piboot.CPU,
         "-smp",
         str(cpus),
         "-m",
