@@ -353,6 +353,126 @@ def inspect(targets, inventory, as_json, verbose, quiet):
 
 
 @main.command()
+@click.argument("what", required=False)
+@click.argument("device", required=False)
+@inventory_option
+@out_option("Where the built images are (OUT/<cluster>/<node>.img).")
+@click.option(
+    "--all", "all_nodes", is_flag=True, help="Every node of the inventory, one card after another."
+)
+@click.option("-y", "--yes", is_flag=True, help="Write without asking first.")
+@click.option("--allow-fixed", is_flag=True, help="Also write a disk that is not removable.")
+@click.option("--allow-large", is_flag=True, help="Also write a disk larger than 256 GiB.")
+@common_options
+@handle_errors
+def flash(
+    what, device, inventory, out_dir, all_nodes, yes, allow_fixed, allow_large, verbose, quiet
+):
+    """Write a node's image to an SD card and read it back: WHAT is a node of the inventory
+    (its OUT/<cluster>/<node>.img) or an image file, DEVICE the card's whole disk (/dev/sdX,
+    /dev/mmcblkN). Only the blocks the image's .bmap maps are written. --all: every node in
+    turn, each onto the next card put in."""
+    _setup_logging(verbose, quiet)
+    import time
+
+    from . import flash as fl
+    from .errors import UserError
+
+    opts = {"yes": yes, "allow_fixed": allow_fixed, "allow_large": allow_large}
+    if all_nodes:
+        if what or device:
+            raise UserError("--all takes no node or device: it asks for each card in turn")
+        cluster = _load_cluster(inventory)
+        images = [(n.hostname, out_dir / cluster.name / f"{n.hostname}.img") for n in cluster.nodes]
+        missing = [str(p) for _, p in images if not p.is_file()]
+        if missing:
+            raise UserError(
+                f"not built: {', '.join(missing)}", hint="piimage build --all --compress none"
+            )
+        for n, (host, image) in enumerate(images, 1):
+            before = fl.card_paths(fl.lsblk())
+            click.echo(f"[{n}/{len(images)}] put in the card for {host} (Ctrl-C stops) …", err=True)
+            card = fl.wait_for_card(before, fl.lsblk, sleep=time.sleep)
+            fl.settle()
+            _flash_one(fl, image, card.path, **opts)
+            click.echo(f"take the card for {host} out", err=True)
+            fl.wait_for_removal(card.path, fl.lsblk, sleep=time.sleep)
+        click.echo(f"all {len(images)} cards written and checked")
+        return
+    if not what or not device:
+        raise UserError(
+            "give a node (or an image) and the card's device: piimage flash node02 /dev/sdX"
+        )
+    image = Path(what)
+    if not image.exists() and "/" not in what and not what.endswith(".img"):
+        cluster = _load_cluster(inventory)
+        if what not in {n.hostname for n in cluster.nodes}:
+            raise UserError(f"{what}: neither an image file nor a node of cluster {cluster.name}")
+        image = out_dir / cluster.name / f"{what}.img"
+    _flash_one(fl, image, device, **opts)
+
+
+def _flash_one(fl, image: Path, device: str, *, yes: bool, allow_fixed: bool, allow_large: bool):
+    import os
+
+    from .errors import UserError
+    from .log import human_size
+
+    if image.suffix in (".xz", ".zst", ".gz"):
+        raise UserError(
+            f"{image}: is compressed; flash writes the raw image with its .bmap "
+            f"({image.with_suffix('')})"
+        )
+    if not image.is_file():
+        raise UserError(f"{image}: no such image", hint="build it first: piimage build")
+    size = image.stat().st_size
+    bmap_path = image.with_name(image.name + ".bmap")
+    if bmap_path.is_file():
+        bmap = fl.read_bmap(bmap_path)
+        if bmap.image_size != size:
+            raise UserError(f"{bmap_path}: maps {bmap.image_size} bytes, {image} has {size}")
+    else:
+        log.warning("%s has no .bmap: writing all of it", image)
+        blocks = -(-size // 4096)
+        bmap = fl.BlockMap(4096, size, ((0, blocks - 1, None),), "")
+    if os.geteuid() != 0:
+        raise UserError("writing a card needs root", hint="sudo piimage flash …")
+    dev, automounted = fl.check_target(
+        device, size, fl.lsblk(), allow_large=allow_large, allow_fixed=allow_fixed
+    )
+    click.echo(_printable(dev.describe()), err=True)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError("no terminal to ask on: add --yes to write without asking")
+        if not click.confirm(
+            f"Write {image.name} ({human_size(bmap.mapped_bytes)} of data) to {dev.path}? "
+            "Everything on it is lost",
+            default=False,
+            err=True,
+        ):
+            click.echo("nothing was written", err=True)
+            sys.exit(1)
+    fl.unmount(automounted)
+    try:
+        figures = fl.write_and_verify(image, bmap, dev.path)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\npiimage: interrupted: {dev.path} is not a good card (its partition table was "
+            "cleared so it cannot boot half-written); flash it again",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPT)
+    except PiimageError:
+        log.error("%s is not a good card (its partition table was cleared)", dev.path)
+        raise
+    fl.settle()
+    click.echo(
+        f"done: {image.name} on {dev.path}: {human_size(figures['bytes'])} written in "
+        f"{figures['write_s']:.0f} s, read back and checked in {figures['verify_s']:.0f} s"
+    )
+
+
+@main.command()
 @click.option("--prune", is_flag=True, help="Remove role layers and base images (see below).")
 @click.option(
     "--older-than",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,6 +49,7 @@ class Progress:
         self.done = 0
         self._tty = sys.stderr.isatty() and not _quiet and _bars
         self._last_pct = -1
+        self._t0 = time.monotonic()
 
     def _fmt(self, n: int) -> str:
         return human_size(n) if self.unit == "B" else f"{n} {self.unit}"
@@ -62,10 +64,21 @@ class Progress:
                 return
             self._last_pct = pct
             bar = "#" * (pct // 4)
-            sys.stderr.write(f"\r{self.label}: [{bar:<25}] {pct:3d}% {self._fmt(self.done)}")
+            sys.stderr.write(
+                f"\r{self.label}: [{bar:<25}] {pct:3d}% {self._fmt(self.done)}{self._rate()}"
+            )
         else:
             sys.stderr.write(f"\r{self.label}: {self._fmt(self.done)}")
         sys.stderr.flush()
+
+    def _rate(self) -> str:
+        """ ", 41.2 MiB/s, 0:12 left" for bytes with a total, once there is a rate to tell."""
+        elapsed = time.monotonic() - self._t0
+        if self.unit != "B" or not self.total or elapsed < 1 or not self.done:
+            return ""
+        rate = self.done / elapsed
+        left = max(0, self.total - self.done) / rate
+        return f", {human_size(rate)}/s, {int(left // 60)}:{int(left % 60):02d} left  "
 
     def close(self) -> None:
         if self._tty:

@@ -7,7 +7,9 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -479,6 +481,69 @@ def test_inspect_names_each_node_and_its_drift(cluster_all, env, tmp_path):
     assert "nmconnection" not in head
     # read-only: the image is the one the manifest names
     assert _sha(imgs[2]) == manifest["nodes"]["node02"]["sha256"]
+
+
+# `piimage flash` (issue 14) onto a real block device: a loop device over a sparse file, with
+# direct I/O so the writes reach the file as a card's would reach the card.
+@contextmanager
+def loop_card(path: Path, size: int):
+    with open(path, "wb") as f:
+        f.truncate(size)
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", "--direct-io=on", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_flash_writes_a_card_that_reads_back_as_the_image(cluster_all, env, tmp_path):
+    import signal
+
+    out = cluster_all[0] / "out" / "testcluster"
+    img = out / "node01.img"
+    manifest = json.loads((out / "manifest.json").read_text())
+    size = img.stat().st_size
+    card = tmp_path / "card"
+    with loop_card(card, size + (256 << 20)) as dev:
+        # a loop device is not removable: a card reader's disk is, and nothing else is written
+        refused = piimage(["flash", str(img), dev, "--yes"], env, tmp_path, check_rc=2)
+        assert f"{dev}: is not a removable disk" in refused.stderr
+        proc = piimage(["flash", str(img), dev, "--yes", "--allow-fixed"], env, tmp_path)
+        assert f"done: node01.img on {dev}" in proc.stdout, proc.stderr[-2000:]
+        # the card was empty: the mapped ranges written, the holes still zero, so the card's
+        # first bytes are the image exactly
+        h = subprocess.run(
+            f"head -c {size} {card} | sha256sum", shell=True, capture_output=True, text=True
+        ).stdout.split()[0]
+        assert h == manifest["nodes"]["node01"]["sha256"]
+        said = piimage(["inspect", dev], env, tmp_path).stdout
+        assert said.startswith(f"{dev}: node node01 of cluster testcluster (compute)"), said
+        # Ctrl-C in the middle of writing the head's image onto the same card
+        p = subprocess.Popen(
+            [sys.executable, "-m", "piimage.cli", "flash", str(out / "head.img"), dev]
+            + ["--yes", "--allow-fixed"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        start = card.stat().st_mtime_ns
+        deadline = time.monotonic() + 120
+        while card.stat().st_mtime_ns == start and p.poll() is None:
+            assert time.monotonic() < deadline, "flash never started writing"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 130, (p.returncode, stdout, stderr[-2000:])
+        assert "is not a good card" in stderr and "done" not in stdout
+        with open(card, "rb") as f:
+            assert f.read(1 << 20) == bytes(1 << 20), "the half-written card still has a table"
 
 
 # --------------------------------------------------------------------------------------------
