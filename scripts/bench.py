@@ -41,9 +41,14 @@ def main() -> None:
     ap.add_argument("--rehearse", type=int, metavar="N", default=0,
                     help="instead: build head + N compute nodes (role layers from the machine's cache) "
                          "and time `piimage rehearse` on them")
+    ap.add_argument("--flash", type=Path, metavar="IMAGE",
+                    help="instead: time `piimage flash` of IMAGE (with its .bmap) onto a loop "
+                         "device against `bmaptool copy` and `dd` onto the same kind of device")
     a = ap.parse_args()
     if a.rehearse:
         return bench_rehearse(a)
+    if a.flash:
+        return bench_flash(a.flash)
     scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-"))
     try:
         pub = scratch / "standin"
@@ -123,6 +128,52 @@ def bench_rehearse(a) -> None:
             print(f"scratch kept: {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+
+def bench_flash(image: Path) -> None:
+    """piimage flash against bmaptool copy and dd, each onto its own fresh loop device over a
+    sparse file with direct I/O (writes reach the file as a card's reach the card)."""
+    scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-flash-"))
+    size = image.stat().st_size
+    devs = []
+
+    def card(name: str) -> str:
+        f = scratch / name
+        with open(f, "wb") as fh:
+            fh.truncate(size + (64 << 20))
+        dev = sh(["losetup", "--find", "--show", "--direct-io=on", str(f)]).stdout.strip()
+        devs.append(dev)
+        return dev
+
+    def run_timed(cmd) -> tuple[float, str]:
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        return time.monotonic() - t0, r.stdout
+
+    try:
+        sh(["sync"])
+        t_pi, out = run_timed([sys.executable, "-m", "piimage.cli", "flash", str(image),
+                               card("piimage"), "--yes", "--allow-fixed"])
+        m = re.search(r"written in ([\d.]+) s, read back and checked in ([\d.]+) s", out)
+        w, v = (float(m.group(1)), float(m.group(2))) if m else (float("nan"),) * 2
+        t_bmap, _ = run_timed(["bmaptool", "copy", "--bmap", f"{image}.bmap", str(image),
+                               card("bmaptool")])
+        t_dd, _ = run_timed(["dd", f"if={image}", f"of={card('dd')}", "bs=4M", "oflag=direct",
+                             "conv=fsync", "status=none"])
+        print(f"image: {image.name}, {size / 2**30:.2f} GiB; targets: loop devices, direct I/O")
+        print(f"piimage flash (write + read back):  {t_pi:7.1f} s  (write {w:.1f} s, read back {v:.1f} s)")
+        print(f"bmaptool copy (write):              {t_bmap:7.1f} s")
+        print(f"dd bs=4M oflag=direct (all of it):  {t_dd:7.1f} s")
+        print(f"ratio piimage write / bmaptool:     {w / t_bmap:7.2f}   (goal: within 1.10)")
+        print(f"ratio piimage in all / bmaptool:    {t_pi / t_bmap:7.2f}")
+        print(f"ratio piimage in all / dd:          {t_pi / t_dd:7.2f}")
+    finally:
+        for dev in devs:
+            subprocess.run(["losetup", "-d", dev], check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

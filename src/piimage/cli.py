@@ -468,7 +468,7 @@ def _flash_one(fl, image: Path, device: str, *, yes: bool, allow_fixed: bool, al
     fl.settle()
     click.echo(
         f"done: {image.name} on {dev.path}: {human_size(figures['bytes'])} written in "
-        f"{figures['write_s']:.0f} s, read back and checked in {figures['verify_s']:.0f} s"
+        f"{figures['write_s']:.1f} s, read back and checked in {figures['verify_s']:.1f} s"
     )
 
 
