@@ -106,16 +106,58 @@ def write_bmap(image: Path) -> Path:
 
 
 IMAGER_DEVICES = ["pi5-64bit", "pi4-64bit", "pi3-64bit"]
+IMAGER_ICON = "piimage-node.png"  # the list's icon for every node, written beside os_list.json
+
+
+def node_icon_png(size: int = 40) -> bytes:
+    """Our own icon, drawn here: a dark rack unit with three green lights (a PNG, RGBA)."""
+    import struct
+    import zlib
+
+    rows = []
+    for y in range(size):
+        row = bytearray([0])  # filter: none
+        for x in range(size):
+            inside = 3 <= x < size - 3 and 6 <= y < size - 6
+            light = (
+                inside
+                and 12 <= y < size - 12
+                and any(c - 3 <= x < c + 3 for c in (size // 4, size // 2, 3 * size // 4))
+            )
+            row += bytes(
+                (60, 200, 90, 255) if light else (40, 44, 52, 255) if inside else (0, 0, 0, 0)
+            )
+        rows.append(bytes(row))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows), 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_imager_repo(
     out: Path, cluster_name: str, nodes: dict[str, dict[str, Any]], url_base: str | None
 ) -> Path:
     """An os_list for Raspberry Pi Imager (`rpi-imager --repo out/<cluster>/os_list.json`), one
-    entry per node image present. init_format is "none": the identity is baked in, and Imager
-    offers its own customisation only for the formats it knows (systemd, cloudinit…), which
-    would otherwise add a second user/hostname on top of ours."""
+    entry per node image present, with the fields Imager's schema requires of an image
+    (name, description, icon, url, sizes and digests, release_date, devices; rpi-imager's
+    doc/json-schema/os-list-schema.json) and bmap_url where the .bmap is there.
+    init_format is "none": the identity is baked in, and Imager 2.x offers no customisation
+    for "none" (rpi-imager src/imagewriter.cpp reads it as no format), which would otherwise
+    add a second user and hostname on top of ours. Imager 1.x does not know "none" and
+    assumes "systemd" (its doc/os_customisation_formats.md): README says to answer No."""
     items = []
+    icon = out / IMAGER_ICON
+    data = node_icon_png()
+    if not icon.is_file() or icon.read_bytes() != data:
+        write_atomic(icon, data)
     for host, info in sorted(nodes.items()):
         img = out / info["image"]
         if not img.exists():
@@ -142,8 +184,12 @@ def write_imager_repo(
                 "release_date": info.get("release_date", ""),
                 "devices": IMAGER_DEVICES,
                 "init_format": "none",
+                "icon": base + IMAGER_ICON,
             }
         )
+        bmap = img.with_name(img.name + ".bmap")
+        if bmap.exists():
+            items[-1]["bmap_url"] = base + bmap.name
     path = out / "os_list.json"
     write_atomic(path, json.dumps({"os_list": items}, indent=2) + "\n")
     return path

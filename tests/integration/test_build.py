@@ -95,6 +95,7 @@ def test_default_cluster_node02(node02_default, env):
         "node02.img.bmap",
         "node02.img.sha256",
         "os_list.json",
+        "piimage-node.png",
     ]
     digest = subprocess.run(
         ["sha256sum", str(img)], capture_output=True, text=True, check=True
@@ -604,6 +605,11 @@ def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
         xz
     )
     assert it["init_format"] == "none" and "pi4-64bit" in it["devices"] and it["release_date"]
+    # every field Imager's schema requires of an image; the icon and the block map are there
+    required = ("name", "description", "icon", "url", "extract_size", "extract_sha256")
+    assert all(it.get(k) for k in (*required, "image_download_size", "release_date", "devices"))
+    assert it["bmap_url"].endswith("/node01.img.bmap") and it["icon"].endswith("/piimage-node.png")
+    assert (out / "piimage-node.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     # `piimage inspect` reads the compressed image too (unpacked to a temporary file, removed)
     said = piimage(["inspect", str(xz)], env, cwd).stdout
     assert said.startswith(f"{xz}: node node01 of cluster testcluster (compute)"), said

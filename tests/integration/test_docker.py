@@ -315,6 +315,7 @@ def test_outputs_and_ownership(docker_build):
         "node02.img.bmap",
         "node02.img.sha256",
         "os_list.json",
+        "piimage-node.png",
     ]
     # everything piimage wrote under the working directory belongs to its owner, not root
     written = list(cwd.rglob("*"))

@@ -72,6 +72,11 @@ def test_repo_manifest_and_sums(image, tmp_path):
     assert item["image_download_size"] == xz.stat().st_size
     assert item["image_download_sha256"] == hashlib.sha256(xz.read_bytes()).hexdigest()
     assert item["init_format"] == "none"
+    # the icon Imager's schema requires, our own PNG beside the list; no .bmap, no bmap_url
+    assert item["icon"] == "https://example.org/lab/piimage-node.png" and "bmap_url" not in item
+    png = (out / "piimage-node.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR"
+    assert int.from_bytes(png[16:20], "big") == 40  # width
     sums = write_sha256sums(out)
     subprocess.run(["sha256sum", "-c", "--quiet", sums.name], cwd=out, check=True)
     assert "manifest.json" in sums.read_text() and "SHA256SUMS" not in sums.read_text()
