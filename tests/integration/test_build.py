@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clihelp import CLUSTER_YAML, live_partial, piimage, pubkey
+from clihelp import CLUSTER_YAML, live_partial, piimage, pubkey, with_ctrl_c
 from readback import fsck_partitions, open_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -530,6 +530,7 @@ def test_flash_writes_a_card_that_reads_back_as_the_image(cluster_all, env, tmp_
             + ["--yes", "--allow-fixed"],
             env=env,
             cwd=tmp_path,
+            preexec_fn=with_ctrl_c,  # xdist's workers ignore SIGINT, and children inherit that
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
