@@ -6,6 +6,7 @@ fetch the base image, stamp every node in one libguestfs launch, and publish the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -188,6 +189,17 @@ def plan(
     )
 
 
+def _clean_stale_outputs(out: Path) -> None:
+    """Half-written files in the output folder (fsutil.temp_name: `.<name>.partial-<pid>`)
+    of builds that were killed outright; called holding the folder's build lock."""
+    for f in out.iterdir() if out.is_dir() else ():
+        head, sep, pid = f.name.rpartition(".partial-")
+        if f.name.startswith(".") and sep and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            log.warning("removing %s from %s, left by a build that was killed", f.name, out)
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
 def _clean_stale_workspaces(root: Path) -> None:
     """Workspaces of builds that were killed outright (SIGKILL, power loss)."""
     if not root.is_dir():
@@ -354,6 +366,7 @@ def _execute(bp: BuildPlan, lockfile: Path | None, out: Path) -> list[Path]:
     base = fetch.fetch_base(spec)
     log.info("base image: %s (sha256 %s…)", base.name, base.sha256[:12])
     out.mkdir(parents=True, exist_ok=True)
+    _clean_stale_outputs(out)
     work_root = settings.cache_dir() / "work"
     work_root.mkdir(parents=True, exist_ok=True)
     _clean_stale_workspaces(work_root)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,7 +206,7 @@ def test_lost_mirror(work):
 
 
 def _interrupt_when(
-    args, env, cwd, marker: str, delay: float = 2.0, timeout: float = 1800
+    args, env, cwd, marker: str, delay: float = 2.0, timeout: float = 1800, sig=signal.SIGINT
 ) -> tuple[int, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "piimage.cli", *args],
@@ -223,7 +224,7 @@ def _interrupt_when(
         lines.append(line)
         if marker in line:
             time.sleep(delay)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
         if time.monotonic() - t0 > timeout:
             proc.kill()
@@ -239,26 +240,99 @@ def _interrupt_when(
     return rc, "".join(lines) + rest
 
 
-@pytest.mark.parametrize("marker", ["starting the libguestfs appliance", "writing node01.img"])
-def test_ctrl_c_during_stamp_and_write(work, marker):
-    tmp_path, env, _ = work
-    # Six package-less compute nodes: layers cheap to build, and a publishing phase long
-    # enough (two images at a time) for the interrupt to land in the middle of it.
-    (tmp_path / "cluster.yaml").write_text(cluster_yaml(computes=6))
-    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
-    rc, err = _interrupt_when(
-        ["build", "--all", "--role", "compute", "--compress", "none"],
-        env,
-        tmp_path,
-        marker,
-        delay=0.3,
+# The interrupt matrix (issue 13): for each phase of a build, each way a build is stopped.
+MATRIX_PHASES = {
+    "decompress": "decompressing",
+    "stamp": "starting the libguestfs appliance",
+    "publish": "writing node01.img",
+}
+MATRIX_SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+
+
+def _stop_when(args, env, cwd, marker: str, sig, delay: float) -> tuple[int, str]:
+    """Run piimage, and `delay` s after `marker` appears in its log stop it with `sig`
+    (SIGKILL: the whole process tree at once, as the OOM killer or `docker kill` would)."""
+    if sig != signal.SIGKILL:
+        return _interrupt_when(args, env, cwd, marker, delay=delay, sig=sig)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "piimage.cli", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert rc == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    assert leftovers(tmp_path) == []
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            time.sleep(delay)
+            _kill_tree(proc.pid)
+            break
+    else:
+        pytest.fail(f"exited before {marker!r}: " + "".join(seen[-20:]))
+    rc = proc.wait(timeout=60)
+    time.sleep(1)  # the kernel reaps the tree
+    return rc, "".join(seen)
 
 
-def test_ctrl_c_during_package_install(work):
+def _outputs(out: Path) -> dict[str, str]:
+    """Every file of the output folder, hidden ones too, with its digest."""
+    return {
+        p.name: subprocess.run(
+            ["sha256sum", str(p)], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+        for p in sorted(out.iterdir())
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("phase", list(MATRIX_PHASES))
+def test_interrupt_matrix(work, phase):
+    """One phase of a build, stopped by SIGINT, then SIGTERM, then SIGKILL: out/ keeps the
+    previous complete images every time (no partial one, none replaced), an interrupted build
+    exits 130 and leaves nothing mounted, running or half-written; after the kill, the next
+    build cleans what the killed one left and succeeds, and its images are complete. Two
+    package-less compute nodes (layers from the cache); ~2 min a phase."""
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml(computes=2))
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
+    args = ["build", "--all", "--role", "compute", "--compress", "none"]
+    r = run_piimage(args, env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out" / "failing"
+    before = _outputs(out)
+    assert {"node01.img", "node02.img", "manifest.json"} <= set(before)
+    for name, sig in MATRIX_SIGNALS.items():
+        if phase == "decompress":
+            # the download stays cached; the decompressed base goes, so it is made again
+            shutil.rmtree(tmp_path / "cache" / "images", ignore_errors=True)
+        rc, err = _stop_when(args, env, tmp_path, MATRIX_PHASES[phase], sig, delay=0.5)
+        cell = f"{phase} x {name}"
+        if sig == signal.SIGKILL:
+            assert rc == -signal.SIGKILL, (cell, rc, err[-2000:])
+            # nothing could run: the kill may leave a hidden half-written file, never a
+            # changed or partial image under its own name
+            now = {k: v for k, v in _outputs(out).items() if not k.startswith(".")}
+            assert now == before, cell
+        else:
+            assert rc == 130, (cell, rc, err[-3000:])
+            assert "interrupted" in err and "Traceback" not in err, (cell, err[-3000:])
+            assert _outputs(out) == before, cell
+            assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == [], cell
+    r = run_piimage(args, env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
+    after = _outputs(out)
+    assert not [k for k in after if k.startswith(".")], after
+    manifest = json.loads((out / "manifest.json").read_text())
+    for host in ("node01", "node02"):
+        assert after[f"{host}.img"] == manifest["nodes"][host]["sha256"]
+
+
+@pytest.mark.parametrize("sig", ["INT", "TERM"])  # KILL: the next test
+def test_ctrl_c_during_package_install(work, sig):
     tmp_path, env, _ = work
     (tmp_path / "cluster.yaml").write_text(cluster_yaml())
     # a package set of its own, so this layer is never cached and apt really runs: one that a
@@ -270,7 +344,12 @@ def test_ctrl_c_during_package_install(work):
             info.unlink()
     _profiles(tmp_path, f"packages: [hello, cowsay]\nheadroom_mb: {64 + os.getpid() % 100}\n")
     rc, err = _interrupt_when(
-        ["build", "--hostname", "node01", "-v"], env, tmp_path, "apt-get", delay=3
+        ["build", "--hostname", "node01", "-v"],
+        env,
+        tmp_path,
+        "apt-get",
+        delay=3,
+        sig=MATRIX_SIGNALS[sig],
     )
     assert rc == 130, err[-3000:]
     assert leftovers(tmp_path) == []

@@ -78,3 +78,19 @@ def test_emulated_programs_run_on_a_pis_cpu(monkeypatch):
     (argv,) = seen
     assert argv[:2] == ["env", "-i"] and f"QEMU_CPU={piboot.CPU}" in argv
     assert piboot.CPU == "cortex-a72"
+
+
+def test_half_written_outputs_of_killed_builds_are_removed(tmp_path):
+    """A SIGKILLed build leaves `.<image>.partial-<pid>` in out/: the next build (holding the
+    folder's lock) removes those whose process is gone, and nothing else."""
+    import os
+
+    from piimage.build import _clean_stale_outputs
+
+    dead = tmp_path / ".node01.img.partial-999999999"
+    live = tmp_path / f".node02.img.partial-{os.getpid()}"
+    keep = [tmp_path / "node01.img", tmp_path / ".hidden", live]
+    for p in [dead, *keep]:
+        p.write_bytes(b"x")
+    _clean_stale_outputs(tmp_path)
+    assert not dead.exists() and all(p.exists() for p in keep)
