@@ -22,7 +22,7 @@ from pathlib import Path
 from . import fetch, identify, lock, render, settings
 from .disk import overlay as cow_overlay
 from .errors import BuildError, UserError
-from .fsutil import allocated, ensure_space, exclusive
+from .fsutil import allocated, ensure_space, exclusive, filled_up, out_of_space
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
 from .keys import KeyPair, cluster_ssh_key, munge_key, node_host_key
@@ -256,10 +256,15 @@ class Publisher:
             if self.abort.is_set():
                 raise BuildError("stopped")
             files.append(write_bmap(final))
-        except BaseException:
+        except BaseException as e:
             # a stopped build publishes nothing: not even an image that was complete when the
             # interrupt came, since the manifest and SHA256SUMS will not name it
             _unlink_all(files)
+            if out_of_space(e):
+                need = allocated(job.layer) + allocated(job.overlay)
+                if self.bp.compress != "none":
+                    need = int(need * 1.6)
+                raise filled_up(self.out, need, f"writing {final.name}") from None
             raise
         log.info("wrote %s", final)
         info = layer_info(job.layer)

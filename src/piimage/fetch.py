@@ -28,7 +28,9 @@ from .fsutil import (
     atomic_path,
     damage,
     ensure_space,
+    filled_up,
     fingerprint,
+    out_of_space,
     sha256_file,
     write_atomic,
 )
@@ -207,6 +209,11 @@ def _download(url: str, expected: str, cache: Path) -> Path:
                 f"download of {url} broke off: {_reason(e)}",
                 hint="run the command again: the download resumes where it stopped",
             ) from None
+        except OSError as e:
+            if not out_of_space(e):
+                raise
+            part.unlink(missing_ok=True)
+            raise filled_up(part.parent, total or 0, f"downloading {basename}") from None
     with progress(f"verifying {basename}", part.stat().st_size) as p:
         actual = sha256_file(part, p)
     if actual != expected:
@@ -223,6 +230,16 @@ def _download(url: str, expected: str, cache: Path) -> Path:
 def _decompress(src: Path, dest: Path, expected_raw: str | None) -> str:
     """xz → sparse raw image, once, atomically; verified against extract_sha256 when known.
     Returns the raw image's SHA-256."""
+    try:
+        return _decompress_to(src, dest, expected_raw)
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        # atomic_path removed the half-written image
+        raise filled_up(dest.parent, src.stat().st_size * 5, f"decompressing {src.name}") from None
+
+
+def _decompress_to(src: Path, dest: Path, expected_raw: str | None) -> str:
     with atomic_path(dest) as tmp:
         h = hashlib.sha256()
         size = src.stat().st_size

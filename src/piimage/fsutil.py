@@ -71,6 +71,28 @@ def ensure_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
+def out_of_space(e: BaseException) -> bool:
+    """`e` says the disk filled up: ENOSPC from Python, or a tool's "No space left on device"."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    text = f"{getattr(e, 'message', '')}\n{getattr(e, 'detail', '') or ''}"
+    return "No space left on device" in text
+
+
+def filled_up(folder: Path, needed: int, what: str) -> BuildError:
+    """The error for a disk that filled up in the middle of `what` (ensure_space's message
+    for work that found the room gone while it ran)."""
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return BuildError(
+        f"{folder}: the disk filled up while {what}: it needs about {_gib(needed)}, "
+        f"{_gib(free)} is free now; what was half-written is removed",
+        hint="free some space there, or point piimage elsewhere (--out for images, "
+        "$PIIMAGE_CACHE for downloads and layers)",
+    )
+
+
 def temp_name(final: Path) -> Path:
     """A hidden sibling name for building `final` in place before an os.replace."""
     return final.with_name(f".{final.name}.partial-{os.getpid()}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import disk, emulate, settings
 from .cache import touch_used
+from .errors import PiimageError
 from .fetch import BaseImage
 from .fsutil import (
     allocated,
@@ -26,7 +27,9 @@ from .fsutil import (
     damage,
     ensure_space,
     exclusive,
+    filled_up,
     fingerprint,
+    out_of_space,
     write_atomic,
 )
 from .log import log
@@ -211,7 +214,14 @@ def _build_locked(
         apt_cache = (
             stack.enter_context(_private_archives(shared_cache)) if private_apt else shared_cache
         )
-        _build_layer(base, inputs, stages, final, apt_cache, apt_proxy, apt_mirrors)
+        try:
+            _build_layer(base, inputs, stages, final, apt_cache, apt_proxy, apt_mirrors)
+        except (OSError, PiimageError) as e:
+            if not out_of_space(e):
+                raise
+            raise filled_up(
+                final.parent, base.size, f"building the {inputs.role} role layer"
+            ) from None
     log.info("role layer %s: built in %.0f s", inputs.role, time.monotonic() - t0)
     return final
 

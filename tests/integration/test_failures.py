@@ -394,6 +394,85 @@ def test_a_build_killed_outright_is_cleaned_up_by_the_next(work):
     assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
 
 
+def _tree(root: int) -> set[int]:
+    """A process and everything under it, now."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    todo, found = [root], set()
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def test_a_disk_that_fills_up_while_publishing(work):
+    """out/ on a tmpfs with room for the image when the build starts; as it starts writing
+    the image the room is taken by something else (the test stops the build's processes,
+    fills the tmpfs, lets them go on). The build fails naming the folder, the room it needs
+    and what is free, removes its half-written image, and the earlier outputs stay. ~1 min."""
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
+    first = tmp_path / "first"
+    args = ["build", "--hostname", "node01", "--compress", "none"]
+    r = run_piimage([*args, "--out", str(first)], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    need = (first / "failing" / "node01.img").stat().st_blocks * 512
+    shutil.rmtree(first)
+    out = tmp_path / "out"
+    out.mkdir()
+    room = int(need * 1.3) + (64 << 20)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(out)], check=True)
+    try:
+        previous = out / "failing" / "node01.img"
+        previous.parent.mkdir()
+        previous.write_bytes(b"the image of an earlier build")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "piimage.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "writing node01.img" in line:
+                pids = _tree(proc.pid)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
+                free = shutil.disk_usage(out).free
+                subprocess.run(
+                    ["fallocate", "-l", str(free - (1 << 20)), str(out / "filler")], check=True
+                )
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                break
+        else:
+            pytest.fail("the build ended before writing: " + "".join(seen[-20:]))
+        err = "".join(seen) + proc.stderr.read()
+        assert proc.wait(timeout=300) == 1, err[-3000:]
+        assert "out/failing: the disk filled up while writing node01.img" in err, err[-3000:]
+        assert "is free now" in err and "Traceback" not in err, err[-3000:]
+        (out / "filler").unlink()
+        assert sorted(p.name for p in (out / "failing").iterdir()) == ["node01.img"]
+        assert previous.read_bytes() == b"the image of an earlier build"
+    finally:
+        subprocess.run(["umount", str(out)], check=False)
+    assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
+
+
 def _kill_tree(root: int) -> None:
     """SIGKILL a process and everything under it at once, as the OOM killer or `docker kill`
     would (piimage starts its tools in sessions of their own, so a process group is not

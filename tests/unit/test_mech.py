@@ -94,3 +94,20 @@ def test_half_written_outputs_of_killed_builds_are_removed(tmp_path):
         p.write_bytes(b"x")
     _clean_stale_outputs(tmp_path)
     assert not dead.exists() and all(p.exists() for p in keep)
+
+
+def test_a_disk_that_fills_up_is_told_as_such(tmp_path):
+    import errno
+
+    from piimage.errors import CommandError
+    from piimage.fsutil import filled_up, out_of_space
+
+    assert out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert not out_of_space(OSError(errno.EIO, "Input/output error"))
+    tool = CommandError(
+        "qemu-img convert failed", 1, "error while writing: No space left on device"
+    )
+    assert out_of_space(tool) and not out_of_space(CommandError("x failed", 1, "other"))
+    e = filled_up(tmp_path, 3 << 30, "writing node01.img")
+    assert e.message.startswith(f"{tmp_path}: the disk filled up while writing node01.img")
+    assert "it needs about 3.0 GiB" in e.message and "is free now" in e.message and e.hint
