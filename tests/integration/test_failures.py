@@ -242,6 +242,7 @@ def _interrupt_when(
 
 # The interrupt matrix (issue 13): for each phase of a build, each way a build is stopped.
 MATRIX_PHASES = {
+    "download": "downloading",
     "decompress": "decompressing",
     "stamp": "starting the libguestfs appliance",
     "publish": "writing node01.img",
@@ -288,6 +289,50 @@ def _outputs(out: Path) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def _slow_mirror(standin, rate: int = 32 << 20):
+    """The stand-in's image list and files served at `rate` bytes/s from a server of the
+    test's own: a download that lasts long enough to be interrupted. Its image list points at
+    itself; it does not resume (the build then says so and starts over)."""
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    doc = json.loads(standin.os_list.read_text())
+    old_base = standin.url.rsplit("/", 1)[0] + "/"
+
+    class Slow(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(standin.dir), **kw)
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if self.path == "/os_list.json":
+                body = json.dumps(doc).replace(old_base, base).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            super().do_GET()
+
+        def copyfile(self, source, outputfile):
+            while buf := source.read(1 << 20):
+                outputfile.write(buf)
+                time.sleep(len(buf) / rate)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield base + "os_list.json"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("phase", list(MATRIX_PHASES))
 def test_interrupt_matrix(work, phase):
     """One phase of a build, stopped by SIGINT, then SIGTERM, then SIGKILL: out/ keeps the
@@ -299,15 +344,22 @@ def test_interrupt_matrix(work, phase):
     (tmp_path / "cluster.yaml").write_text(cluster_yaml(computes=2))
     _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
     args = ["build", "--all", "--role", "compute", "--compress", "none"]
+    stack = contextlib.ExitStack()
+    if phase == "download":
+        # from the first build on: piimage.lock then names the slow server's URL
+        env = dict(env, PIIMAGE_OS_LIST_URL=stack.enter_context(_slow_mirror(work[2])))
     r = run_piimage(args, env, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out" / "failing"
     before = _outputs(out)
     assert {"node01.img", "node02.img", "manifest.json"} <= set(before)
     for name, sig in MATRIX_SIGNALS.items():
-        if phase == "decompress":
-            # the download stays cached; the decompressed base goes, so it is made again
+        if phase in ("download", "decompress"):
+            # the decompressed base goes (and for the download phase the download), so it is
+            # made again: the build is stopped while it does so
             shutil.rmtree(tmp_path / "cache" / "images", ignore_errors=True)
+            if phase == "download":
+                shutil.rmtree(tmp_path / "cache" / "downloads", ignore_errors=True)
         rc, err = _stop_when(args, env, tmp_path, MATRIX_PHASES[phase], sig, delay=0.5)
         cell = f"{phase} x {name}"
         if sig == signal.SIGKILL:
@@ -321,7 +373,8 @@ def test_interrupt_matrix(work, phase):
             assert "interrupted" in err and "Traceback" not in err, (cell, err[-3000:])
             assert _outputs(out) == before, cell
             assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == [], cell
-    r = run_piimage(args, env, tmp_path)
+    with stack:
+        r = run_piimage(args, env, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
     after = _outputs(out)
