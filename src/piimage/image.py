@@ -61,6 +61,16 @@ def parse_group(text: str) -> dict[str, int]:
     return out
 
 
+def scratch_dir() -> Path:
+    """This process's folder for libguestfs's temporary files: the cache's work/<pid>-guestfs
+    (a workspace by its name: removed by the next build once this process is gone)."""
+    from .settings import cache_dir
+
+    d = cache_dir() / "work" / f"{os.getpid()}-guestfs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 class GuestSession:
     """One libguestfs appliance holding `drives` (qcow2 overlays or raw files)."""
 
@@ -77,6 +87,11 @@ class GuestSession:
         g = guestfs.GuestFS(python_return_dict=True)
         self.g = g
         try:
+            # libguestfs's temporary directory (libguestfsXXXXXX: overlays, appliance files)
+            # in one of ours named by our pid, which a later build removes if we were killed
+            # outright (build._clean_stale_workspaces); in $TMPDIR it would stay for good
+            self.scratch = scratch_dir()
+            g.set_tmpdir(str(self.scratch))
             # The appliance's qemu runs in its own process group: a Ctrl-C reaches us, and we
             # close the handle (which kills qemu) in __exit__.
             g.set_pgroup(True)
@@ -112,6 +127,12 @@ class GuestSession:
             g.close()  # kills the appliance if it is still running
         except Exception:  # noqa: BLE001 - closing must never mask the real error
             pass
+        scratch = getattr(self, "scratch", None)
+        if scratch is not None:
+            try:
+                scratch.rmdir()  # empty once libguestfs removed its own; else in use
+            except OSError:
+                pass
 
     def __exit__(self, exc_type, exc, tb) -> None:
         g = self.g
