@@ -532,19 +532,7 @@ def _kill_tree(root: int) -> None:
     enough): the tree is stopped first, so nothing in it starts anything new, then killed."""
     tree: set[int] = set()
     for _ in range(5):
-        children: dict[int, list[int]] = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(d))
-        todo, found = [root], set()
-        while todo:
-            pid = todo.pop()
-            found.add(pid)
-            todo += children.get(pid, [])
+        found = _tree(root)
         for pid in found - tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
