@@ -10,7 +10,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,11 @@ def parse_group(text: str) -> dict[str, int]:
     return out
 
 
+# GuestSessions open in this process: the last one to close removes the scratch folder
+_sessions = [0]
+_sessions_lock = threading.Lock()
+
+
 def scratch_dir() -> Path:
     """This process's folder for libguestfs's temporary files: the cache's work/<pid>-guestfs
     (a workspace by its name: removed by the next build once this process is gone)."""
@@ -91,6 +98,8 @@ class GuestSession:
             # in one of ours named by our pid, which a later build removes if we were killed
             # outright (build._clean_stale_workspaces); in $TMPDIR it would stay for good
             self.scratch = scratch_dir()
+            with _sessions_lock:
+                _sessions[0] += 1
             g.set_tmpdir(str(self.scratch))
             # The appliance's qemu runs in its own process group: a Ctrl-C reaches us, and we
             # close the handle (which kills qemu) in __exit__.
@@ -129,21 +138,24 @@ class GuestSession:
             pass
         scratch = getattr(self, "scratch", None)
         if scratch is not None:
-            try:
-                scratch.rmdir()  # empty once libguestfs removed its own; else in use
-            except OSError:
-                pass
+            with _sessions_lock:
+                _sessions[0] -= 1
+                last = _sessions[0] == 0
+            if last:  # no other session of this process uses it
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         g = self.g
-        if g is not None and exc_type is None:
-            try:
-                g.umount_all()
-                g.shutdown()  # flushes and checks the appliance exited cleanly
-            except RuntimeError as e:
-                self._close()
-                raise BuildError(f"libguestfs failed while finishing: {e}") from None
-        self._close()
+        try:
+            if g is not None and exc_type is None:
+                try:
+                    g.umount_all()
+                    g.shutdown()  # flushes and checks the appliance exited cleanly
+                except RuntimeError as e:
+                    raise BuildError(f"libguestfs failed while finishing: {e}") from None
+        finally:
+            # also when a Ctrl-C or SIGTERM lands during the shutdown
+            self._close()
 
     def disks(self) -> list[Disk]:
         assert self.g is not None
