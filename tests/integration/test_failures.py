@@ -250,11 +250,9 @@ MATRIX_PHASES = {
 MATRIX_SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
 
 
-def _stop_when(args, env, cwd, marker: str, sig, delay: float) -> tuple[int, str]:
-    """Run piimage, and `delay` s after `marker` appears in its log stop it with `sig`
-    (SIGKILL: the whole process tree at once, as the OOM killer or `docker kill` would)."""
-    if sig != signal.SIGKILL:
-        return _interrupt_when(args, env, cwd, marker, delay=delay, sig=sig)
+def _when_logged(args, env, cwd, marker: str, act) -> tuple[subprocess.Popen, list[str]]:
+    """Start piimage and call act(proc) when `marker` appears in its log (the lines so far
+    are returned with it; the rest of the log is still to be read from proc.stderr)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "piimage.cli", *args],
         env=env,
@@ -268,11 +266,22 @@ def _stop_when(args, env, cwd, marker: str, sig, delay: float) -> tuple[int, str
     for line in proc.stderr:
         seen.append(line)
         if marker in line:
-            time.sleep(delay)
-            _kill_tree(proc.pid)
-            break
-    else:
-        pytest.fail(f"exited before {marker!r}: " + "".join(seen[-20:]))
+            act(proc)
+            return proc, seen
+    pytest.fail(f"exited before {marker!r}: " + "".join(seen[-20:]))
+
+
+def _stop_when(args, env, cwd, marker: str, sig, delay: float) -> tuple[int, str]:
+    """Run piimage, and `delay` s after `marker` appears in its log stop it with `sig`
+    (SIGKILL: the whole process tree at once, as the OOM killer or `docker kill` would)."""
+    if sig != signal.SIGKILL:
+        return _interrupt_when(args, env, cwd, marker, delay=delay, sig=sig)
+
+    def kill(proc):
+        time.sleep(delay)
+        _kill_tree(proc.pid)
+
+    proc, seen = _when_logged(args, env, cwd, marker, kill)
     rc = proc.wait(timeout=60)
     time.sleep(1)  # the kernel reaps the tree
     return rc, "".join(seen)
@@ -427,24 +436,12 @@ def test_a_build_killed_outright_is_cleaned_up_by_the_next(work):
     (tmp_path / "cluster.yaml").write_text(cluster_yaml())
     # a layer of its own (headroom by pid), never cached, so apt really runs both times
     _profiles(tmp_path, f"packages: [hello]\nheadroom_mb: {200 + os.getpid() % 100}\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "piimage.cli", "build", "--hostname", "node01", "-v"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "apt-get" in line:
-            time.sleep(3)
-            _kill_tree(proc.pid)
-            break
-    else:
-        pytest.fail("the build ended before apt-get: " + "".join(seen[-20:]))
+
+    def kill(proc):
+        time.sleep(3)
+        _kill_tree(proc.pid)
+
+    proc, _ = _when_logged(["build", "--hostname", "node01", "-v"], env, tmp_path, "apt-get", kill)
     proc.wait(timeout=60)
     time.sleep(1)  # the kernel reaps the tree's processes
     left = leftovers(tmp_path)
@@ -496,33 +493,22 @@ def test_a_disk_that_fills_up_while_publishing(work):
         previous = out / "failing" / "node01.img"
         previous.parent.mkdir()
         previous.write_bytes(b"the image of an earlier build")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "piimage.cli", *args],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "writing node01.img" in line:
-                pids = _tree(proc.pid)
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGSTOP)
-                free = shutil.disk_usage(out).free
-                subprocess.run(
-                    ["fallocate", "-l", str(free - (1 << 20)), str(out / "filler")], check=True
-                )
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGCONT)
-                break
-        else:
-            pytest.fail("the build ended before writing: " + "".join(seen[-20:]))
+
+        def fill_up(proc):
+            # the build's processes stopped while the room is taken, then let go on
+            pids = _tree(proc.pid)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            free = shutil.disk_usage(out).free
+            subprocess.run(
+                ["fallocate", "-l", str(free - (1 << 20)), str(out / "filler")], check=True
+            )
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+        proc, seen = _when_logged(args, env, tmp_path, "writing node01.img", fill_up)
         err = "".join(seen) + proc.stderr.read()
         assert proc.wait(timeout=300) == 1, err[-3000:]
         assert "out/failing: the disk filled up while writing node01.img" in err, err[-3000:]
