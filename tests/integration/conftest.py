@@ -382,19 +382,19 @@ def pytest_collection_modifyitems(session, config, items):
     The lanes (scripts/test runs pytest-xdist with two workers, `--dist loadgroup`): the
     Docker and bookworm tests are one xdist group, the trixie tests another, so the two
     releases run side by side, each in one worker that builds its role layers once and boots
-    its one virtual cluster; the unit tests go to whichever worker is free. The trixie lane is
-    the longer one (its stand-in, layers and rehearsal are the slowest), so trixie tests that
-    only read cached layers are marked `late_in_bookworm_lane`: the bookworm lane runs them
-    after all of its own, when the trixie layers exist (its lane would otherwise idle through
-    the trixie rehearsal). Without xdist the marks do nothing and the order above is the
-    whole story. (tryfirst: xdist's worker reads
+    its one virtual cluster; the unit tests go to whichever worker is free. Since emulated
+    programs run as a Pi's CPU (piboot.CPU) the trixie lane is the shorter one (run of
+    2026-12-03: it ended at 40 min, the bookworm lane at 97), so the trixie tests that only
+    read cached layers and need no boot, marked `late_in_trixie_lane`, run last in the trixie
+    lane, after its rehearsal (they used to run at the end of the bookworm lane). Without
+    xdist the marks only order them last. (tryfirst: xdist's worker reads
     the marks in its own hook of the same name.)"""
 
     def rank(item) -> float:
         if "/tests/unit/" in str(item.path):
             return 0
-        if item.get_closest_marker("late_in_bookworm_lane"):
-            return 2.5
+        if item.get_closest_marker("late_in_trixie_lane"):
+            return 3.5
         if _release(item) == "trixie":
             return 3
         return 1 if "docker" in getattr(item, "fixturenames", ()) else 2
@@ -403,4 +403,4 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         r = rank(item)
         if r:
-            item.add_marker(pytest.mark.xdist_group("trixie" if r == 3 else "bookworm"))
+            item.add_marker(pytest.mark.xdist_group("trixie" if r >= 3 else "bookworm"))

@@ -557,7 +557,7 @@ def _sha(path: Path) -> str:
     ).stdout.split()[0]
 
 
-@pytest.mark.late_in_bookworm_lane  # ~7 min (stamp + xz of one image), off the trixie lane
+@pytest.mark.late_in_trixie_lane  # ~5 min (stamp + xz of one image), after the rehearsal
 def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
     import xml.etree.ElementTree as ET
 
@@ -622,7 +622,7 @@ def test_outputs_for_flashing_tools(cluster_all, env, tmp_path):
 
 
 # Rebuilds a copy of the cluster above, with node01's .img.xz, with a new address for node02.
-@pytest.mark.late_in_bookworm_lane
+@pytest.mark.late_in_trixie_lane
 def test_changed_ip_reuses_role_layers(cluster_all, env, tmp_path):
     cwd = copy_of(cluster_all[0], tmp_path / "cluster")
     # what `--compress zstd` left beside node02.img in an earlier build
@@ -656,7 +656,7 @@ def test_changed_ip_reuses_role_layers(cluster_all, env, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Installed, not run from the checkout (issue 14): a wheel of this tree in a fresh venv.
 # --------------------------------------------------------------------------------------------
-@pytest.mark.late_in_bookworm_lane  # needs the trixie layers that cluster_all made
+@pytest.mark.late_in_trixie_lane  # needs the trixie layers that cluster_all made
 def test_an_installed_wheel_works_outside_the_checkout(cluster_all, env, tmp_path):
     import sys
 
