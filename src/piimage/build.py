@@ -22,7 +22,7 @@ from pathlib import Path
 from . import fetch, identify, lock, render, settings
 from .disk import overlay as cow_overlay
 from .errors import BuildError, UserError
-from .fsutil import allocated, ensure_space, exclusive, filled_up, out_of_space
+from .fsutil import allocated, ensure_space, exclusive, filled_up, out_of_space, temp_pid
 from .image import GuestSession, _import_guestfs
 from .inventory import Cluster, Node
 from .keys import KeyPair, cluster_ssh_key, munge_key, node_host_key
@@ -193,8 +193,8 @@ def _clean_stale_outputs(out: Path) -> None:
     """Half-written files in the output folder (fsutil.temp_name: `.<name>.partial-<pid>`)
     of builds that were killed outright; called holding the folder's build lock."""
     for f in out.iterdir() if out.is_dir() else ():
-        head, sep, pid = f.name.rpartition(".partial-")
-        if f.name.startswith(".") and sep and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        pid = temp_pid(f.name)
+        if pid is not None and not Path(f"/proc/{pid}").exists():
             log.warning("removing %s from %s, left by a build that was killed", f.name, out)
             with contextlib.suppress(OSError):
                 f.unlink()

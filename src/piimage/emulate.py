@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import disk, piboot
 from .errors import CommandError, MissingToolError
-from .fsutil import temp_name
+from .fsutil import temp_name, temp_pid
 from .log import log, progress
 from .run import require_tools, run
 
@@ -207,9 +207,12 @@ def stale_mounts(mounts_text: str) -> list[str]:
 
 def _others_temp(name: str, final: Path) -> bool:
     """`name` is a temporary file of `final` (fsutil.temp_name) made by another process."""
-    mine = temp_name(final).name
-    prefix = mine.rsplit("-", 1)[0] + "-"
-    return name.startswith(prefix) and name[len(prefix) :].isdigit() and name != mine
+    pid = temp_pid(name)
+    return (
+        pid is not None
+        and name.rpartition(".partial-")[0] == f".{final.name}"
+        and name != temp_name(final).name
+    )
 
 
 def stale_loops(losetup_text: str, final: Path) -> list[str]:

@@ -98,6 +98,12 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial-{os.getpid()}")
 
 
+def temp_pid(name: str) -> int | None:
+    """The pid in a temp_name() file name; None for any other name."""
+    _, sep, pid = name.rpartition(".partial-")
+    return int(pid) if name.startswith(".") and sep and pid.isdigit() else None
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it to `final` only if the block succeeds."""
