@@ -4,6 +4,7 @@ nothing left behind — no partial image, no mount, no loop device, no appliance
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -494,16 +495,27 @@ def test_a_disk_that_fills_up_while_publishing(work):
         previous.parent.mkdir()
         previous.write_bytes(b"the image of an earlier build")
 
+        started: list[subprocess.Popen] = []
+
         def fill_up(proc):
             # the build's processes stopped while the room is taken, then let go on
-            pids = _tree(proc.pid)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
-            free = shutil.disk_usage(out).free
-            subprocess.run(
-                ["fallocate", "-l", str(free - (1 << 20)), str(out / "filler")], check=True
-            )
+            started.append(proc)
+            pids = _stop_tree(proc.pid)
+            # what is free, less a MiB, taken; should the count still move (the page cache
+            # settling), a step that does not fit is halved and the filler grows until full
+            filler = out / "filler"
+            with open(filler, "wb") as f:
+                step = shutil.disk_usage(out).free - (1 << 20)
+                while step >= (1 << 20):
+                    try:
+                        os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, step)
+                    except OSError as e:
+                        if e.errno != errno.ENOSPC:
+                            raise
+                        step //= 2
+                    else:
+                        step = shutil.disk_usage(out).free - (1 << 20)
+            assert shutil.disk_usage(out).free < (8 << 20), shutil.disk_usage(out)
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
@@ -517,14 +529,18 @@ def test_a_disk_that_fills_up_while_publishing(work):
         assert sorted(p.name for p in (out / "failing").iterdir()) == ["node01.img"]
         assert previous.read_bytes() == b"the image of an earlier build"
     finally:
+        for proc in started:  # a failed check leaves no build behind, stopped or not
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+                proc.wait(timeout=60)
         subprocess.run(["umount", str(out)], check=False)
     assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
 
 
-def _kill_tree(root: int) -> None:
-    """SIGKILL a process and everything under it at once, as the OOM killer or `docker kill`
-    would (piimage starts its tools in sessions of their own, so a process group is not
-    enough): the tree is stopped first, so nothing in it starts anything new, then killed."""
+def _stop_tree(root: int) -> set[int]:
+    """SIGSTOP a process and everything under it, and wait until every thread of it has
+    stopped (kill() returns before the signal lands: a write under way still finishes). The
+    tree is walked again until nothing new appears, so nothing in it starts anything new."""
     tree: set[int] = set()
     for _ in range(5):
         found = _tree(root)
@@ -534,7 +550,25 @@ def _kill_tree(root: int) -> None:
         if found <= tree:
             break
         tree |= found
-    for pid in tree:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        running = []
+        for pid in tree:
+            for task in Path(f"/proc/{pid}/task").glob("*/stat"):
+                with contextlib.suppress(OSError, IndexError):
+                    if task.read_text().rsplit(")", 1)[1].split()[0] not in "TtZX":
+                        running.append(task)
+        if not running:
+            break
+        time.sleep(0.05)
+    return tree
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL a process and everything under it at once, as the OOM killer or `docker kill`
+    would (piimage starts its tools in sessions of their own, so a process group is not
+    enough): the tree is stopped first, so nothing in it starts anything new, then killed."""
+    for pid in _stop_tree(root):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
