@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BuildError
+from .errors import BuildError, PiimageError
 
 CHUNK = 4 * 1024 * 1024
 
@@ -81,15 +81,49 @@ def out_of_space(e: BaseException) -> bool:
     return "No space left on device" in text
 
 
-def filled_up(folder: Path, needed: int, what: str) -> BuildError:
+FULL_MARGIN = 16 << 20  # less free than this after a failure: the disk is what failed
+
+
+class DiskFull(BuildError):
+    """The disk under the work filled up while it ran (filled_up's error)."""
+
+
+def full_now(folder: Path) -> bool:
+    """`folder`'s filesystem has (next to) no room left."""
+    try:
+        return shutil.disk_usage(folder).free < FULL_MARGIN
+    except OSError:
+        return False
+
+
+@contextmanager
+def blame_a_full_disk(folder: Path, needed: int, what: str) -> Iterator[None]:
+    """Work writing into `folder`, whose failure while the disk there is full is the full
+    disk's (filled_up). Work inside a loop-mounted image never sees ENOSPC when the disk under
+    the image fills up: the kernel reports write errors and the filesystem in the image turns
+    read-only, so whatever then fails (apt, a script) is put down to the disk by looking at
+    it, before the half-written file is removed (so enter this inside atomic_path)."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except (OSError, PiimageError) as e:
+        if not (out_of_space(e) or full_now(folder)):
+            raise
+        said = e.message if isinstance(e, PiimageError) else str(e)
+        raise filled_up(folder, needed, what, said) from None
+
+
+def filled_up(folder: Path, needed: int, what: str, detail: str | None = None) -> BuildError:
     """The error for a disk that filled up in the middle of `what` (ensure_space's message
-    for work that found the room gone while it ran)."""
+    for work that found the room gone while it ran); `detail`: what the work itself said."""
     free = shutil.disk_usage(folder).free if folder.exists() else 0
-    return BuildError(
+    return DiskFull(
         f"{folder}: the disk filled up while {what}: it needs about {_gib(needed)}, "
         f"{_gib(free)} is free now; what was half-written is removed",
         hint="free some space there, or point piimage elsewhere (--out for images, "
         "$PIIMAGE_CACHE for downloads and layers)",
+        detail=detail,
     )
 
 

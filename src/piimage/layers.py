@@ -22,8 +22,10 @@ from .cache import touch_used
 from .errors import PiimageError
 from .fetch import BaseImage
 from .fsutil import (
+    DiskFull,
     allocated,
     atomic_path,
+    blame_a_full_disk,
     damage,
     ensure_space,
     exclusive,
@@ -217,7 +219,7 @@ def _build_locked(
         try:
             _build_layer(base, inputs, stages, final, apt_cache, apt_proxy, apt_mirrors)
         except (OSError, PiimageError) as e:
-            if not out_of_space(e):
+            if isinstance(e, DiskFull) or not out_of_space(e):
                 raise
             raise filled_up(
                 final.parent, base.size, f"building the {inputs.role} role layer"
@@ -258,7 +260,10 @@ def _build_layer(
     ensure_space(
         final.parent, allocated(base.path) + inputs.headroom_mb * 2**20, f"the {inputs.role} layer"
     )
-    with atomic_path(final) as tmp:
+    with (
+        atomic_path(final) as tmp,
+        blame_a_full_disk(final.parent, base.size, f"building the {inputs.role} role layer"),
+    ):
         # A sparse copy: the base's holes stay holes.
         run(["cp", "--sparse=always", str(base.path), str(tmp)], what="copying the base image")
         if inputs.headroom_mb:

@@ -472,6 +472,59 @@ def _tree(root: int) -> set[int]:
     return found
 
 
+@contextlib.contextmanager
+def _small_disk(folder: Path, size: int):
+    """`folder` on a tmpfs of `size` bytes for the block; yields `fill(proc)`, which stops
+    the build `proc` (its whole tree, until every thread has stopped), takes all the room
+    but a MiB, and lets the build go on. At the end no build started there is left (a
+    failed check kills it, stopped or not) and the tmpfs is unmounted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    started: list[subprocess.Popen] = []
+
+    def fill(proc: subprocess.Popen) -> None:
+        started.append(proc)
+        pids = _stop_tree(proc.pid)
+        # should the count still move (the page cache settling), a step that does not fit
+        # is halved and the filler grows until the disk is full
+        with open(folder / ".filler", "wb") as f:
+            step = shutil.disk_usage(folder).free - (1 << 20)
+            while step >= (1 << 20):
+                try:
+                    os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, step)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    step //= 2
+                else:
+                    step = shutil.disk_usage(folder).free - (1 << 20)
+        assert shutil.disk_usage(folder).free < (8 << 20), shutil.disk_usage(folder)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    try:
+        yield fill
+        (folder / ".filler").unlink(missing_ok=True)
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+                proc.wait(timeout=60)
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def _fails_filling(args, env, cwd, marker: str, fill) -> str:
+    """Run piimage, fill the disk when `marker` is logged; it must fail (exit 1) saying the
+    disk filled up, with no traceback. Returns its log."""
+    proc, seen = _when_logged(args, env, cwd, marker, fill)
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=600) == 1, err[-3000:]
+    assert "the disk filled up while" in err, err[-3000:]
+    assert "is free now" in err and "Traceback" not in err, err[-3000:]
+    return err
+
+
 def test_a_disk_that_fills_up_while_publishing(work):
     """out/ on a tmpfs with room for the image when the build starts; as it starts writing
     the image the room is taken by something else (the test stops the build's processes,
@@ -487,53 +540,74 @@ def test_a_disk_that_fills_up_while_publishing(work):
     need = (first / "failing" / "node01.img").stat().st_blocks * 512
     shutil.rmtree(first)
     out = tmp_path / "out"
-    out.mkdir()
-    room = int(need * 1.3) + (64 << 20)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(out)], check=True)
-    try:
+    with _small_disk(out, int(need * 1.3) + (64 << 20)) as fill:
         previous = out / "failing" / "node01.img"
         previous.parent.mkdir()
         previous.write_bytes(b"the image of an earlier build")
-
-        started: list[subprocess.Popen] = []
-
-        def fill_up(proc):
-            # the build's processes stopped while the room is taken, then let go on
-            started.append(proc)
-            pids = _stop_tree(proc.pid)
-            # what is free, less a MiB, taken; should the count still move (the page cache
-            # settling), a step that does not fit is halved and the filler grows until full
-            filler = out / "filler"
-            with open(filler, "wb") as f:
-                step = shutil.disk_usage(out).free - (1 << 20)
-                while step >= (1 << 20):
-                    try:
-                        os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, step)
-                    except OSError as e:
-                        if e.errno != errno.ENOSPC:
-                            raise
-                        step //= 2
-                    else:
-                        step = shutil.disk_usage(out).free - (1 << 20)
-            assert shutil.disk_usage(out).free < (8 << 20), shutil.disk_usage(out)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-
-        proc, seen = _when_logged(args, env, tmp_path, "writing node01.img", fill_up)
-        err = "".join(seen) + proc.stderr.read()
-        assert proc.wait(timeout=300) == 1, err[-3000:]
+        err = _fails_filling(args, env, tmp_path, "writing node01.img", fill)
         assert "out/failing: the disk filled up while writing node01.img" in err, err[-3000:]
-        assert "is free now" in err and "Traceback" not in err, err[-3000:]
-        (out / "filler").unlink()
         assert sorted(p.name for p in (out / "failing").iterdir()) == ["node01.img"]
         assert previous.read_bytes() == b"the image of an earlier build"
-    finally:
-        for proc in started:  # a failed check leaves no build behind, stopped or not
-            if proc.poll() is None:
-                _kill_tree(proc.pid)
-                proc.wait(timeout=60)
-        subprocess.run(["umount", str(out)], check=False)
+    assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
+
+
+def test_a_disk_that_fills_up_while_downloading(work):
+    """The cache on a tmpfs with room for the base image's download; as the download starts
+    the room is taken. The build fails naming the downloads folder, removes the partial
+    download (a later build starts it afresh, never from a file cut short by the full disk),
+    and the earlier outputs in out/ stay. The base from the test's slow server; ~30 s."""
+    tmp_path, env, standin = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
+    previous = tmp_path / "out" / "failing" / "node01.img"
+    previous.parent.mkdir(parents=True)
+    previous.write_bytes(b"the image of an earlier build")
+    cache = tmp_path / "cache"
+    with (
+        _slow_mirror(standin) as os_list_url,
+        _small_disk(cache, standin.image_xz.stat().st_size + (32 << 20)) as fill,
+    ):
+        env = dict(env, PIIMAGE_OS_LIST_URL=os_list_url)
+        args = ["build", "--hostname", "node01", "--compress", "none"]
+        err = _fails_filling(args, env, tmp_path, "downloading", fill)
+        assert "cache/downloads: the disk filled up while downloading" in err, err[-3000:]
+        assert list((cache / "downloads").iterdir()) == []
+        assert not (cache / "images").exists() or not any((cache / "images").rglob("*.img"))
+    assert sorted(p.name for p in previous.parent.iterdir()) == ["node01.img"]
+    assert previous.read_bytes() == b"the image of an earlier build"
+    assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
+
+
+def test_a_disk_that_fills_up_while_building_a_layer(work):
+    """The layer cache on a tmpfs with room for the new layer when its build starts; as apt
+    runs in it the room is taken (the layer is a loop-mounted file there: the kernel sees
+    write errors, apt fails). The build says the disk filled up while building the layer,
+    nothing of the layer stays (no partial file, mount or loop device), and the earlier
+    outputs stay. A layer of its own (hello, headroom by pid), never cached; ~2 min."""
+    tmp_path, env, _ = work
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml())
+    args = ["build", "--hostname", "node01", "--compress", "none"]
+    # the base decompressed first, in the test's own cache (not on the small disk), by a
+    # build of a package-less layer from the cache
+    _profiles(tmp_path, "packages: []\nheadroom_mb: 0\n")
+    r = run_piimage([*args, "--out", str(tmp_path / "first")], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(tmp_path / "first")
+    _profiles(tmp_path, f"packages: [hello]\nheadroom_mb: {100 + os.getpid() % 100}\n")
+    (raw,) = (tmp_path / "cache" / "images").glob("*/image.img")
+    previous = tmp_path / "out" / "failing" / "node01.img"
+    previous.parent.mkdir(parents=True)
+    previous.write_bytes(b"the image of an earlier build")
+    layers = tmp_path / "layers"
+    env = dict(env, PIIMAGE_LAYER_CACHE=str(layers))
+    with _small_disk(layers, raw.stat().st_blocks * 512 + (400 << 20)) as fill:
+        err = _fails_filling([*args, "-v"], env, tmp_path, "apt-get", fill)
+        assert "layers: the disk filled up while building the compute role layer" in err, err[
+            -3000:
+        ]
+        made = [p.name for p in layers.iterdir() if p.name != ".filler"]
+        assert [n for n in made if not n.endswith(".lock")] == [], made
+    assert previous.read_bytes() == b"the image of an earlier build"
     assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
 
 
