@@ -28,6 +28,7 @@ from .fsutil import (
     atomic_path,
     damage,
     ensure_space,
+    exclusive,
     filled_up,
     fingerprint,
     out_of_space,
@@ -284,6 +285,17 @@ def _local_digest(path: Path, cache: Path) -> str:
     return known[key]
 
 
+def _making(raw: Path, name: str):
+    """Hold the base image's lock (images/.<sha256>.lock) while it is checked and, if need
+    be, downloaded and decompressed: a second build on the same cache waits and then finds
+    it made, rather than writing the same partial download at once or taking an image whose
+    description is not written yet for a damaged one."""
+    return exclusive(
+        raw.parent.parent / f".{raw.parent.name}.lock",
+        on_wait=lambda: log.info("base image %s: another piimage is fetching it; waiting", name),
+    )
+
+
 def _cached_raw(raw: Path, name: str) -> bool:
     """The decompressed base is in the cache and is what it was made as (its info.json holds
     its fingerprint); a damaged one is said so and removed, to be made again from the
@@ -349,24 +361,27 @@ def fetch_base(
         if path.name.endswith(".img"):
             return BaseImage(path.name, str(path), digest, path, path.stat().st_size)
         raw = cache / "images" / digest / "image.img"
-        if not _cached_raw(raw, path.name):
-            raw_sha = _decompress(path, raw, None)
-            _write_info(raw, {"name": path.name, "source": str(path), "sha256": digest}, raw_sha)
+        with _making(raw, path.name):
+            if not _cached_raw(raw, path.name):
+                raw_sha = _decompress(path, raw, None)
+                info = {"name": path.name, "source": str(path), "sha256": digest}
+                _write_info(raw, info, raw_sha)
         return BaseImage(path.name, str(path), digest, raw, raw.stat().st_size)
 
     entry = cache / "images" / expected
     raw = entry / "image.img"
-    if not _cached_raw(raw, name):
-        downloaded = _download(url, expected, cache)
-        if downloaded.name.endswith(".xz"):
-            raw_sha = _decompress(downloaded, raw, extract_sha)
+    with _making(raw, name):
+        if not _cached_raw(raw, name):
+            downloaded = _download(url, expected, cache)
+            if downloaded.name.endswith(".xz"):
+                raw_sha = _decompress(downloaded, raw, extract_sha)
+            else:
+                os.replace(downloaded, raw)
+                raw_sha = expected
+            info = {"name": name, "source": url, "sha256": expected, "release_date": release}
+            _write_info(raw, info, raw_sha)
         else:
-            os.replace(downloaded, raw)
-            raw_sha = expected
-        info = {"name": name, "source": url, "sha256": expected, "release_date": release}
-        _write_info(raw, info, raw_sha)
-    else:
-        log.info("base image %s: cached", name)
+            log.info("base image %s: cached", name)
     # the source as published, not the mirror it was fetched from (manifest, lock)
     return BaseImage(name, upstream, expected, raw, raw.stat().st_size, release)
 

@@ -701,6 +701,51 @@ def test_two_builds_into_one_folder_wait_for_each_other(work):
         assert manifest["nodes"][h]["sha256"] in sums
 
 
+def test_two_builds_into_two_folders_share_one_cache(work):
+    """Two builds at once on one empty cache, of two clusters in folders of their own (builds
+    of one cluster take turns: they share its piimage.lock): the base is downloaded and
+    decompressed once (the second waits for the first, then finds it made), both succeed,
+    and each out/ holds its own node, whole. The base from the test's slow server, so the
+    first is still fetching when the second starts; ~1-2 min."""
+    tmp_path, env, standin = work
+    sites = {"head": tmp_path / "site-a", "node01": tmp_path / "site-b"}
+    for site in sites.values():
+        site.mkdir()
+        (site / "cluster.yaml").write_text(cluster_yaml())
+        _profiles(site, "packages: []\nheadroom_mb: 0\n")
+    with _slow_mirror(standin) as os_list_url:
+        env = dict(env, PIIMAGE_OS_LIST_URL=os_list_url)
+        procs = {
+            h: subprocess.Popen(
+                [sys.executable, "-m", "piimage.cli", "build", "--hostname", h]
+                + ["--compress", "none"],
+                env=env,
+                cwd=site,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for h, site in sites.items()
+        }
+        errs = {h: p.communicate(timeout=1800)[1] for h, p in procs.items()}
+    both = "\n".join(e[-2000:] for e in errs.values())
+    assert [p.returncode for p in procs.values()] == [0, 0], both
+    assert sum("downloading" in e for e in errs.values()) == 1, both
+    assert sum("another piimage is fetching it" in e for e in errs.values()) == 1, both
+    for h, site in sites.items():
+        out = site / "out" / "failing"
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert set(manifest["nodes"]) == {h}
+        digest = subprocess.run(
+            ["sha256sum", str(out / f"{h}.img")], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+        assert digest == manifest["nodes"][h]["sha256"]
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert len(list((tmp_path / "cache" / "images").glob("*/image.img"))) == 1
+    assert list((tmp_path / "cache" / "downloads").iterdir()) == []
+    assert [f for f in leftovers(tmp_path) if not f.startswith("out/")] == []
+
+
 def test_a_full_disk_is_refused_before_anything_is_written(work):
     """out/ on a small filesystem (a 64 MiB tmpfs) that cannot hold the image: the build says
     so before it writes any of it, naming the folder and the room needed and free, and the
