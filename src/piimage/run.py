@@ -41,6 +41,7 @@ TOOL_PACKAGES = {
     "losetup": "mount",
     "mount": "mount",
     "chroot": "coreutils",
+    "setpriv": "util-linux",
 }
 
 TAIL_LINES = 25
@@ -175,8 +176,11 @@ def run(
 def spawn(cmd: Sequence[str | os.PathLike], *, what: str) -> subprocess.Popen:
     """Start a long-running child (a virtual machine) in its own process group, its output
     discarded; `stop()` it. Until then terminate_all() ends it too, so an interrupt never
-    leaves it behind."""
-    argv = [str(c) for c in cmd]
+    leaves it behind, and the kernel kills it when piimage dies of anything (SIGKILL, the
+    OOM killer): setpriv sets its parent-death signal, which follows the thread that
+    started it, so only the main thread spawns."""
+    assert threading.current_thread() is threading.main_thread(), "spawn() from a worker"
+    argv = ["setpriv", "--pdeathsig", "KILL", "--", *(str(c) for c in cmd)]
     log.debug("$ %s &", " ".join(argv))
     try:
         proc = subprocess.Popen(
@@ -188,7 +192,7 @@ def spawn(cmd: Sequence[str | os.PathLike], *, what: str) -> subprocess.Popen:
         )
     except OSError as e:
         raise CommandError(
-            f"{what}: cannot start {argv[0]}: {e.strerror}", returncode=-1, output_tail=""
+            f"{what}: cannot start {argv[4]}: {e.strerror}", returncode=-1, output_tail=""
         ) from None
     with _live_lock:
         _live.add(proc)

@@ -431,35 +431,50 @@ def test_rehearse_refuses_missing_images(cluster, env, tmp_path):
 
 
 def test_interrupted_rehearsal_leaves_nothing(cluster, env):
-    """Ctrl-C while the machines boot: exit 130, no QEMU, no overlay, images untouched."""
+    """Stopped while the machines boot, three times: SIGKILL to piimage alone (the OOM
+    killer's way: its VMs die with it, its run directory stays), then SIGTERM (`docker
+    stop`; this run first removes what the killed one left), then Ctrl-C. TERM and INT exit
+    130 and leave no QEMU, no overlay; the images are never touched."""
     import signal
     import sys
     import time
 
     head = cluster / "out" / "testcluster" / "head.img"
     before = _sha(head)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "piimage.cli", "rehearse", "--nodes", "head,node01"],
-        env=env,
-        cwd=cluster,
-        preexec_fn=with_ctrl_c,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 600
-    seen = ""
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        seen += line
-        if "node01: booting" in line or not line:
-            break
-    assert "node01: booting" in seen, seen
-    time.sleep(10)  # the machines are running now
-    assert any("piimage-rehearse-" in p for p in leftovers(cluster))
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
-    assert leftovers(cluster) == []
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "piimage.cli", "rehearse", "--nodes", "head,node01"],
+            env=env,
+            cwd=cluster,
+            preexec_fn=with_ctrl_c,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 600
+        seen = ""
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            seen += line
+            if "node01: booting" in line or not line:
+                break
+        assert "node01: booting" in seen, seen
+        time.sleep(10)  # the machines are running now
+        assert any(p.startswith("process ") for p in leftovers(cluster)), seen
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        err = seen + err
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL, err
+            time.sleep(2)  # the kernel ends the VMs (their parent-death signal)
+            left = leftovers(cluster)
+            assert not any(p.startswith("process ") for p in left), left
+            stale = [p for p in left if p.startswith("run dir ")]
+            assert stale, left  # what the next run is to find and remove
+            continue
+        assert proc.returncode == 130, err
+        assert "interrupted" in err
+        if sig == signal.SIGTERM:  # it removed the killed one's (or another rehearsal did)
+            assert not any(Path(p.split(" ", 2)[2]).exists() for p in stale), (stale, err)
+        assert leftovers(cluster) == []
     assert _sha(head) == before

@@ -4,10 +4,13 @@ Ethernet hub, the agent protocol, the report, and input checks."""
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import socket
 import stat
 import struct
 import subprocess
+import sys
 import threading
 import time
 from ipaddress import IPv4Address
@@ -256,3 +259,48 @@ def test_tcg_threading_is_multi_unless_asked(monkeypatch):
     monkeypatch.setenv("PIIMAGE_REHEARSE_TCG_THREAD", "many")
     with pytest.raises(UserError, match="PIIMAGE_REHEARSE_TCG_THREAD='many'"):
         vm.tcg_threading()
+
+
+def test_stale_run_directories_are_removed_and_live_ones_kept(tmp_path):
+    from piimage.rehearse.rehearsal import RUN_PREFIX, clean_stale_runs
+
+    dead = 2**22 + 7  # above any pid_max: no such process
+    stale = tmp_path / f"{RUN_PREFIX}{dead}-abc"
+    live = tmp_path / f"{RUN_PREFIX}{os.getpid()}-def"
+    older = tmp_path / f"{RUN_PREFIX}k2j4h"  # a name from before the pid was in it
+    for d in (stale, live, older):
+        d.mkdir()
+        (d / "node01.qcow2").write_bytes(b"overlay")
+    clean_stale_runs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, older.name])
+
+
+def test_a_spawned_machine_dies_with_piimage(tmp_path):
+    """SIGKILL to the process that spawn()ed a VM ends the VM too (its parent-death signal)."""
+    pidfile = tmp_path / "child"
+    script = (
+        "import sys, time\n"
+        "from piimage.run import spawn\n"
+        "p = spawn(['sleep', '300'], what='a machine')\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(300)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 20
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    assert Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sleep\0")
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break  # gone
+        if state == "Z":  # killed, waiting for init to reap it
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"pid {child} still runs after its piimage was killed")

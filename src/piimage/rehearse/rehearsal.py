@@ -4,8 +4,11 @@ again; `rehearse()` is what `piimage rehearse` calls."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +26,39 @@ from .hub import Hub
 from .report import Check, Report
 from .vm import NodeState
 
+RUN_ROOT = Path("/var/tmp")  # overlays are GBs: not a tmpfs /tmp
+RUN_PREFIX = "piimage-rehearse-"  # then the pid of the piimage that owns it
+
+
+def clean_stale_runs(root: Path = RUN_ROOT) -> None:
+    """Run directories (overlays, sockets) of rehearsals killed outright (SIGKILL, the OOM
+    killer, a closed terminal's hang-up): their piimage is gone, so they are removed, and a
+    QEMU process still using one is ended first (spawn() ties every VM to its piimage's life,
+    so there should be none)."""
+    for d in root.glob(RUN_PREFIX + "*"):
+        pid = d.name[len(RUN_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue  # an older name, or a rehearsal that is running
+        for qemu in _processes_using(d):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qemu, signal.SIGKILL)
+        shutil.rmtree(d, ignore_errors=True)
+        log.warning("removed %s, left by a rehearsal that was killed (pid %s)", d, pid)
+
+
+def _processes_using(run_dir: Path) -> list[int]:
+    """Processes whose command line names `run_dir` (a VM's overlay and sockets are in it)."""
+    found = []
+    needle = str(run_dir).encode() + b"/"
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "cmdline").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                continue
+    return found
+
 
 class Rehearsal:
     def __init__(self, cluster: Cluster, nodes: tuple[Node, ...], out_dir: Path, timeout: float):
@@ -39,7 +75,7 @@ class Rehearsal:
 
     # -- set-up ---------------------------------------------------------------------------------
     def check_inputs(self) -> None:
-        require_tools(["qemu-system-aarch64", "qemu-img"])
+        require_tools(["qemu-system-aarch64", "qemu-img", "setpriv"])
         if self.head is None:
             raise UserError(
                 "rehearse needs the head node (slurmctld, NFS server) among --nodes",
@@ -150,7 +186,8 @@ def rehearse(
     tears down (QEMU processes, hub, overlays); the logs and report stay in <out>/<cluster>/rehearsal/."""
     r = Rehearsal(cluster, nodes, out_dir, timeout)
     r.check_inputs()
-    run_dir = Path(tempfile.mkdtemp(prefix="piimage-rehearse-", dir="/var/tmp"))
+    clean_stale_runs()
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-", dir=RUN_ROOT))
     # whose this is, for anyone who finds it (it is removed when the rehearsal ends)
     (run_dir / "images").write_text(f"{r.images}\n")
     report = Report(cluster.name, [n.hostname for n in nodes], "", logs=str(r.logs))
