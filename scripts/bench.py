@@ -36,7 +36,8 @@ def timed(args, cwd, env) -> tuple[float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", default="bookworm", choices=["bookworm", "trixie"])
+    ap.add_argument("--suite", choices=["bookworm", "trixie"],
+                    help="the stand-in's release (bookworm; trixie for --north-star)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--rehearse", type=int, metavar="N", default=0,
                     help="instead: build head + N compute nodes (role layers from the machine's cache) "
@@ -44,7 +45,15 @@ def main() -> None:
     ap.add_argument("--flash", type=Path, metavar="IMAGE",
                     help="instead: time `piimage flash` of IMAGE (with its .bmap) onto a loop "
                          "device against `bmaptool copy` and `dd` onto the same kind of device")
+    ap.add_argument("--north-star", type=int, metavar="N", nargs="?", const=8, default=0,
+                    help="instead: the whole path a user takes, timed in parts: piimage init, "
+                         "the inventory edited to head + N compute nodes (8), build --all with the "
+                         "defaults (cold role layers, the base already downloaded), rehearse of "
+                         "every node (default suite: trixie, what init's base is)")
     a = ap.parse_args()
+    if a.north_star:
+        return bench_north_star(a)
+    a.suite = a.suite or "bookworm"
     if a.rehearse:
         return bench_rehearse(a)
     if a.flash:
@@ -129,6 +138,126 @@ def bench_rehearse(a) -> None:
         else:
             shutil.rmtree(scratch, ignore_errors=True)
 
+
+
+def logged(args, cwd, env) -> tuple[float, int, list[tuple[float, str]]]:
+    """Run piimage; every line of its log with the second it arrived (from the start)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "piimage.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [(time.monotonic() - t0, ln.rstrip("\n")) for ln in proc.stderr]
+    out = proc.stdout.read()
+    rc = proc.wait()
+    lines.append((time.monotonic() - t0, f"(exit {rc})"))
+    lines.extend((time.monotonic() - t0, "stdout: " + ln) for ln in out.splitlines())
+    return time.monotonic() - t0, rc, lines
+
+
+def _span(lines, start: str, end: str | None = None, last: bool = False) -> float | None:
+    """Seconds from the (first) line containing `start` to the next line (or the first after
+    it containing `end`; with `last`, the last such line)."""
+    for i, (t, ln) in enumerate(lines):
+        if start in ln:
+            after = [(u, m) for u, m in lines[i + 1:] if end is None or end in m]
+            if after:
+                return (after[-1] if last else after[0])[0] - t
+    return None
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:7.1f} s" if x is not None else "      - "
+
+
+def bench_north_star(a) -> None:
+    """From `piimage init` to a rehearsed head + N compute images, each part timed."""
+    import json
+
+    suite = a.suite or "trixie"
+    n = a.north_star
+    scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-north-", dir="/var/tmp"))
+    budget = 600.0
+    try:
+        pub = scratch / "standin"
+        sh([str(ROOT / "scripts" / "standin-image"), "--suite", suite, "--out", str(pub)])
+        base = pub / f"raspios-standin-{suite}-arm64-lite.img.xz"  # downloaded: a local file
+        machine_cache = Path(os.environ.get("PIIMAGE_CACHE", Path.home() / ".cache" / "piimage"))
+        # cold: downloads, the decompressed base and role layers in the scratch cache; apt's
+        # archive is the machine's (a user's second cluster has it too; the first downloads)
+        env = dict(os.environ, PIIMAGE_CACHE=str(scratch / "cache"),
+                   PIIMAGE_LAYER_CACHE=str(scratch / "layers"),
+                   PIIMAGE_APT_CACHE=str(machine_cache / "apt-archives"))
+        d = scratch / "c"
+        d.mkdir()
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(scratch / "admin")])
+        print(f"north star: stand-in {suite}, {os.cpu_count()} cores, "
+              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+              f"head + {n} compute nodes, scratch {scratch}", flush=True)
+        parts: list[tuple[str, float | None]] = []
+        t_init, rc, _ = logged(["init"], d, env)
+        if rc:
+            sys.exit("piimage init failed")
+        parts.append(("piimage init", t_init))
+        text = (d / "cluster.yaml").read_text()
+        text = re.sub(r"(?m)^base: \S+", f"base: {base}", text)
+        text = re.sub(r"(?m)^  ssh_authorized_keys:.*$",
+                      f"  ssh_authorized_keys: [{scratch / 'admin.pub'}]", text)
+        text = re.sub(r"(?m)^nodes:\n(  - .*\n)+", "", text)
+        subnet = re.search(r"subnet: (\d+\.\d+\.\d+)\.0/24", text).group(1)
+        text += "nodes:\n" + f"  - {{hostname: head, role: head, ip: {subnet}.10}}\n" + "".join(
+            f"  - {{hostname: node{i:02d}, role: compute, ip: {subnet}.{10 + i}}}\n"
+            for i in range(1, n + 1))
+        (d / "cluster.yaml").write_text(text)
+
+        t_build, rc, lines = logged(["build", "--all"], d, env)
+        (scratch / "build.log").write_text("".join(f"{t:8.1f} {ln}\n" for t, ln in lines))
+        if rc:
+            sys.exit("build --all failed:\n" + "\n".join(ln for _, ln in lines[-40:]))
+        parts.append(("build --all (defaults)", t_build))
+        log = [ln for _, ln in lines]
+        print(f"build --all with the defaults:          {_fmt(t_build)}")
+        print(f"  base decompress                       {_fmt(_span(lines, 'decompressing'))}")
+        for m in re.finditer(r"role layer (\S+): built in (\d+) s", "\n".join(log)):
+            print(f"  role layer {m.group(1):<27} {_fmt(float(m.group(2)))}")
+        first_stamp = _span(lines, "starting the libguestfs appliance", "stamping", last=True)
+        print(f"  appliance launch to the last stamp    {_fmt(first_stamp)}")
+        print(f"  first image written to the end        "
+              f"{_fmt(_span(lines, 'writing ', 'built ', last=True))}")
+        packed = [float(m.group(1)) for m in re.finditer(r"compressed \S+ in (\d+) s", "\n".join(log))]
+        if packed:
+            print(f"  compression: {len(packed)} images, {sum(packed):.0f} s in all "
+                  f"(min {min(packed):.0f}, max {max(packed):.0f} s each, side by side with the rest)")
+        else:
+            print("  compression: none (the default writes raw images)")
+
+        t_reh, rc, lines = logged(["rehearse", "--json"], d, env)
+        (scratch / "rehearse.log").write_text("".join(f"{t:8.1f} {ln}\n" for t, ln in lines))
+        parts.append(("rehearse (all nodes)", t_reh))
+        out = "\n".join(ln[8:] for _, ln in lines if ln.startswith("stdout: "))
+        report = json.loads(out) if out.strip().startswith("{") else None
+        print(f"rehearse of {n + 1} nodes:                   {_fmt(t_reh)}  (exit {rc}, "
+              f"{'passed' if report and report['ok'] else 'FAILED'})")
+        print(f"  kernel and overlays, to power-on      {_fmt(_span(lines, 'rehearse', 'booting'))}")
+        if report:
+            for node, secs in report["boot_seconds"].items():
+                ons = len(report.get("boot_cmdlines", {}).get(node, []))
+                print(f"  boot {node:<10} {_fmt(secs)}  ({ons} power-on{'s' if ons != 1 else ''}: "
+                      f"{'first boot, its reboot, the second boot' if ons > 1 else 'one boot'})")
+            print(f"  cluster ready after                   {_fmt(report['ready_seconds'])}")
+            checks = sum(c["seconds"] or 0 for c in report["checks"])
+            failed = [f"{c['name']}@{c['node']}" for c in report["checks"] if not c["ok"]]
+            print(f"  checks, {len(report['checks'])} (one after another):      {_fmt(checks)}"
+                  + (f"  failed: {', '.join(failed)}" if failed else ""))
+        total = sum(t for _, t in parts if t)
+        print(f"total, init to a rehearsed cluster:     {_fmt(total)}  "
+              f"(goal {budget:.0f} s: {'within' if total <= budget else f'{total - budget:.0f} s over'})")
+        for name, t in parts:
+            print(f"  {name:<36} {_fmt(t)}  {100 * (t or 0) / total:4.0f} %")
+        print(f"logs with the second of each line: {scratch}/build.log, {scratch}/rehearse.log")
+    finally:
+        if a.keep:
+            print(f"scratch kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def bench_flash(image: Path) -> None:

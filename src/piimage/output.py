@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import BuildError
 from .fsutil import atomic_path, sha256_file, write_atomic
-from .log import progress
+from .log import log, progress
 from .run import run
 
 _PCT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
@@ -85,11 +86,14 @@ def compress(image: Path, fmt: str) -> Path | None:
         return None
     suffix, cmd = COMPRESSORS[fmt]
     final = image.with_name(image.name + suffix)
+    t0 = time.monotonic()
+    log.info("compressing %s (%s) …", image.name, fmt)
     with atomic_path(final) as tmp:
         with open(tmp, "wb") as f:
             run([*cmd, str(image)], what=f"{cmd[0]} of {image.name}", stdout=f)
         digest = sha256_file(tmp)
     write_atomic(sidecar(final), checksum_line(digest, final.name))
+    log.info("compressed %s in %.0f s", final.name, time.monotonic() - t0)
     return final
 
 
