@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -13,6 +14,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, keep: bool, parent: str | None = None):
+    """A scratch folder for one bench, removed after it unless --keep."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield scratch
+    finally:
+        if keep:
+            print(f"scratch kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def sh(cmd, **kw):
@@ -58,11 +72,8 @@ def main() -> None:
         return bench_rehearse(a)
     if a.flash:
         return bench_flash(a.flash)
-    scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-"))
-    try:
-        pub = scratch / "standin"
-        sh([str(ROOT / "scripts" / "standin-image"), "--suite", a.suite, "--out", str(pub)])
-        base = pub / f"raspios-standin-{a.suite}-arm64-lite.img.xz"
+    with scratch_dir("piimage-bench-", a.keep) as scratch:
+        base = standin_base(a.suite, scratch)
         env = dict(os.environ, PIIMAGE_CACHE=str(scratch / "cache"))  # fresh: layers are built cold
         for n in (1, 8):
             d = scratch / f"c{n}"
@@ -89,26 +100,33 @@ def main() -> None:
         print(f"xz -T0 -3 alone on node01.img:                                           {t_xz:7.1f} s")
         print(f"build --hostname node01 --compress xz (stamp + xz):                      {t_c:7.1f} s "
               f"(stamp alone {t_stamp:.1f} s; compression share {(t_c - t_stamp) / t_xz:.2f}× xz alone)")
-    finally:
-        if a.keep:
-            print(f"scratch kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def standin_base(suite: str, scratch: Path) -> Path:
+    """The stand-in image of `suite` published into the scratch folder (built or cached by
+    scripts/standin-image): a local file, as a downloaded base is."""
+    pub = scratch / "standin"
+    sh([str(ROOT / "scripts" / "standin-image"), "--suite", suite, "--out", str(pub)])
+    return pub / f"raspios-standin-{suite}-arm64-lite.img.xz"
+
+
+def scratch_env(scratch: Path, layers: Path) -> dict[str, str]:
+    """piimage's environment for a bench: downloads and the decompressed base in the scratch
+    cache, role layers in `layers`, apt's archive the machine's."""
+    machine_cache = Path(os.environ.get("PIIMAGE_CACHE", Path.home() / ".cache" / "piimage"))
+    return dict(os.environ, PIIMAGE_CACHE=str(scratch / "cache"),
+                PIIMAGE_LAYER_CACHE=str(layers),
+                PIIMAGE_APT_CACHE=str(machine_cache / "apt-archives"))
 
 
 def bench_rehearse(a) -> None:
     """Boot and readiness figures of `piimage rehearse` for head + N compute nodes."""
     import json
 
-    scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-"))
-    try:
-        pub = scratch / "standin"
-        sh([str(ROOT / "scripts" / "standin-image"), "--suite", a.suite, "--out", str(pub)])
-        base = pub / f"raspios-standin-{a.suite}-arm64-lite.img.xz"
+    with scratch_dir("piimage-bench-", a.keep) as scratch:
+        base = standin_base(a.suite, scratch)
         machine_cache = Path(os.environ.get("PIIMAGE_CACHE", Path.home() / ".cache" / "piimage"))
-        env = dict(os.environ, PIIMAGE_CACHE=str(scratch / "cache"),
-                   PIIMAGE_LAYER_CACHE=str(machine_cache / "layers"),
-                   PIIMAGE_APT_CACHE=str(machine_cache / "apt-archives"))
+        env = scratch_env(scratch, machine_cache / "layers")  # role layers from the machine's
         d = scratch / "c"
         d.mkdir()
         (d / "cluster.yaml").write_text(cluster_yaml(base, a.rehearse))
@@ -132,11 +150,6 @@ def bench_rehearse(a) -> None:
         for c in report["checks"]:
             if c["seconds"]:
                 print(f"  check {c['name']:<8} {c['node']:<10} {c['seconds']:6.1f} s  {'ok' if c['ok'] else 'FAILED'}")
-    finally:
-        if a.keep:
-            print(f"scratch kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 
@@ -174,18 +187,12 @@ def bench_north_star(a) -> None:
 
     suite = a.suite or "trixie"
     n = a.north_star
-    scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-north-", dir="/var/tmp"))
     budget = 600.0
-    try:
-        pub = scratch / "standin"
-        sh([str(ROOT / "scripts" / "standin-image"), "--suite", suite, "--out", str(pub)])
-        base = pub / f"raspios-standin-{suite}-arm64-lite.img.xz"  # downloaded: a local file
-        machine_cache = Path(os.environ.get("PIIMAGE_CACHE", Path.home() / ".cache" / "piimage"))
-        # cold: downloads, the decompressed base and role layers in the scratch cache; apt's
-        # archive is the machine's (a user's second cluster has it too; the first downloads)
-        env = dict(os.environ, PIIMAGE_CACHE=str(scratch / "cache"),
-                   PIIMAGE_LAYER_CACHE=str(scratch / "layers"),
-                   PIIMAGE_APT_CACHE=str(machine_cache / "apt-archives"))
+    with scratch_dir("piimage-bench-north-", a.keep, "/var/tmp") as scratch:
+        base = standin_base(suite, scratch)  # downloaded: a local file
+        # cold: the decompressed base and role layers in the scratch folder; apt's archive is
+        # the machine's (a user's second cluster has it too; the first downloads)
+        env = scratch_env(scratch, scratch / "layers")
         d = scratch / "c"
         d.mkdir()
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(scratch / "admin")])
@@ -253,11 +260,6 @@ def bench_north_star(a) -> None:
         for name, t in parts:
             print(f"  {name:<36} {_fmt(t)}  {100 * (t or 0) / total:4.0f} %")
         print(f"logs with the second of each line: {scratch}/build.log, {scratch}/rehearse.log")
-    finally:
-        if a.keep:
-            print(f"scratch kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def bench_flash(image: Path) -> None:
