@@ -17,6 +17,8 @@ import json
 import lzma
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .fsutil import (
     fingerprint,
     out_of_space,
     sha256_file,
+    temp_pid,
     write_atomic,
 )
 from .log import log, progress
@@ -285,15 +288,23 @@ def _local_digest(path: Path, cache: Path) -> str:
     return known[key]
 
 
-def _making(raw: Path, name: str):
+@contextmanager
+def _making(raw: Path, name: str) -> Iterator[None]:
     """Hold the base image's lock (images/.<sha256>.lock) while it is checked and, if need
     be, downloaded and decompressed: a second build on the same cache waits and then finds
     it made, rather than writing the same partial download at once or taking an image whose
-    description is not written yet for a damaged one."""
-    return exclusive(
+    description is not written yet for a damaged one. Holding it, the half-decompressed
+    images of builds that were killed outright (.image.img.partial-<pid>) are removed."""
+    with exclusive(
         raw.parent.parent / f".{raw.parent.name}.lock",
         on_wait=lambda: log.info("base image %s: another piimage is fetching it; waiting", name),
-    )
+    ):
+        for f in raw.parent.glob(".*.partial-*") if raw.parent.is_dir() else ():
+            pid = temp_pid(f.name)
+            if pid is not None and not Path(f"/proc/{pid}").exists():
+                log.warning("removing %s, left by a build that was killed", f)
+                f.unlink(missing_ok=True)
+        yield
 
 
 def _cached_raw(raw: Path, name: str) -> bool:

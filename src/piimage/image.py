@@ -7,6 +7,7 @@ its root partition at / and its FAT boot partition at /boot/firmware.
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import os
 import posixpath
@@ -75,7 +76,15 @@ def scratch_dir() -> Path:
 
     d = cache_dir() / "work" / f"{os.getpid()}-guestfs"
     d.mkdir(parents=True, exist_ok=True)
+    if d not in _registered:
+        # and at exit whatever happened: an interrupt can land between any two statements of
+        # a session's closing (stop 23's CI: SIGINT during the launch left it behind)
+        _registered.add(d)
+        atexit.register(shutil.rmtree, d, True)
     return d
+
+
+_registered: set[Path] = set()
 
 
 class GuestSession:
@@ -136,13 +145,14 @@ class GuestSession:
             g.close()  # kills the appliance if it is still running
         except Exception:  # noqa: BLE001 - closing must never mask the real error
             pass
-        scratch = getattr(self, "scratch", None)
-        if scratch is not None:
-            with _sessions_lock:
-                _sessions[0] -= 1
-                last = _sessions[0] == 0
-            if last:  # no other session of this process uses it
-                shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            scratch = getattr(self, "scratch", None)
+            if scratch is not None:
+                with _sessions_lock:
+                    _sessions[0] -= 1
+                    last = _sessions[0] == 0
+                if last:  # no other session of this process uses it
+                    shutil.rmtree(scratch, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         g = self.g

@@ -106,6 +106,10 @@ def leftovers(tmp_path: Path) -> list[str]:
     work = tmp_path / "cache" / "work"
     if work.exists():
         found += [f"workspace {p}" for p in work.iterdir()]
+    # a half-decompressed base (.image.img.partial-<pid>) beside the test's cached ones
+    images = tmp_path / "cache" / "images"
+    if images.exists():
+        found += [f"partial base {p}" for p in images.glob("*/.*.partial-*")]
     found += [f"tmp {p}" for p in (tmp_path / "tmp").iterdir()]
     # The layer cache is shared with the other test lane and any other piimage on the machine:
     # a partial layer counts when the process its name ends with is gone (the build under
