@@ -308,6 +308,40 @@ def rehearse(inventory, out_dir, nodes, timeout, as_json, verbose, quiet):
 
 
 @main.command()
+@inventory_option
+@out_option(
+    "Where the built images are (to date the head's clock against); the report goes to OUT/<cluster>/verify/."
+)
+@click.option(
+    "--nodes", help="Comma-separated nodes to check (default: every node); must include the head."
+)
+@click.option(
+    "--identity",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Private key to log in as the admin with (default: ssh's own: agent, ~/.ssh/id_*).",
+)
+@click.option("--user", default="", help="Log in as this user (default: the inventory's admin).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@common_options
+@handle_errors
+def verify(inventory, out_dir, nodes, identity, user, as_json, verbose, quiet):
+    """Run the rehearsal's checks against the real boards, over SSH as the admin."""
+    _setup_logging(verbose, quiet)
+    import json
+
+    from . import inventory as inv
+    from . import verify as vf
+
+    cluster = _load_cluster(inventory)
+    names = [x.strip() for x in nodes.split(",") if x.strip()] if nodes else None
+    selected = inv.select_nodes(cluster, names=names, all_nodes=names is None)
+    report = vf.verify(cluster, selected, out_dir=out_dir, identity=identity, user=user)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
+    if not report.ok:
+        raise vf.VerifyFailed(vf.describe_failure(report))
+
+
+@main.command()
 @click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-i",

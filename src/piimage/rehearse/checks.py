@@ -118,6 +118,8 @@ class Context:
     compute: list[Node]  # the nodes that run jobs
     timeout: float  # the seconds the nodes had to boot
     call: Call
+    # the nodes are real boards (piimage verify): boot_s is their uptime, they have no console
+    real: bool = False
     results: list[Check] = field(default_factory=list)
     node_facts: dict[str, set[str]] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
@@ -245,7 +247,7 @@ def boot(ctx: Context, st: Target) -> None:
                 diagnose=True,
             )
         except Unreachable:
-            journal = "(the node's agent does not answer)"
+            journal = "(the node does not answer)"
         ctx.add(
             "boot",
             st.name,
@@ -263,7 +265,9 @@ def boot(ctx: Context, st: Target) -> None:
         "boot",
         st.name,
         True,
-        f"booted in {st.boot_s:.0f} s{again}, system {state or 'running'}",
+        f"up {_duration(st.boot_s)}, system {state or 'running'}"
+        if ctx.real
+        else f"booted in {st.boot_s:.0f} s{again}, system {state or 'running'}",
     )
     ctx.node_facts[st.name].add(BOOT_PASSED)
 
@@ -530,6 +534,10 @@ def clock(ctx: Context) -> None:
     behind = -offset[head.name]
     for st in booted:
         if st.name not in offset:
+            continue
+        if st is head and not st.image.exists():
+            # a real head whose image is not on this machine: only its offset to this one
+            ctx.add("clock", st.name, True, f"{-behind:+.1f} s from this machine")
             continue
         if st is head:
             # it started at 1970 (no real-time clock, no internet): only the time its card
@@ -1131,6 +1139,17 @@ CHECKS: tuple[Round | ClusterCheck, ...] = (
     mpirun,
     default_hostfile,
 )
+
+
+def _duration(seconds: float) -> str:
+    """An uptime for people: "52 s", "3.4 h", "12 days"."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _mpi_outcome(

@@ -35,6 +35,8 @@ class Report:
     logs: str = ""
     # every power-on's kernel command line, as the Pi's firmware would have made it (piboot.py)
     boot_cmdlines: dict[str, list[str]] = field(default_factory=dict)
+    # "rehearsal" (virtual cluster) or "verify" (the real boards: boot_seconds is their uptime)
+    kind: str = "rehearsal"
 
     @property
     def ok(self) -> bool:
@@ -46,25 +48,31 @@ class Report:
         return d
 
     def text(self) -> str:
-        lines = [f"rehearsal of {self.cluster}: {', '.join(self.nodes)} (kernel {self.kernel})"]
+        real = self.kind != "rehearsal"
+        lines = [
+            f"{self.kind} of {self.cluster}: {', '.join(self.nodes)} "
+            f"(kernel {self.kernel or 'unknown'})"
+        ]
         for n, s in self.boot_seconds.items():
+            if s is None:
+                lines.append(f"  {n:<12} {'does not answer' if real else 'did not boot'}")
+            else:
+                lines.append(f"  {n:<12} {'up' if real else 'booted in'} {s:.0f} s")
+        if not real:
             lines.append(
-                f"  {n:<12} booted in {s:.0f} s" if s is not None else f"  {n:<12} did not boot"
+                f"  cluster ready after {self.ready_seconds:.0f} s"
+                if self.ready_seconds is not None
+                else "  cluster never became ready"
             )
-        lines.append(
-            f"  cluster ready after {self.ready_seconds:.0f} s"
-            if self.ready_seconds is not None
-            else "  cluster never became ready"
-        )
         for c in self.checks:
             lines.append(f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<9} {c.node:<12} {c.summary}")
             if not c.ok and c.output.strip():
                 lines.extend("        | " + ln for ln in c.output.strip().splitlines()[-12:])
-        lines.append(f"  consoles and report: {self.logs}")
+        lines.append(f"  {'report' if real else 'consoles and report'}: {self.logs}")
         lines.append(
-            "rehearsal passed"
+            f"{self.kind} passed"
             if self.ok
-            else "rehearsal FAILED: "
+            else f"{self.kind} FAILED: "
             + "; ".join(f"{c.node}: {c.name}" for c in self.checks if not c.ok)
         )
         return "\n".join(lines)
