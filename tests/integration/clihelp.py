@@ -69,17 +69,26 @@ def piimage(
     return proc
 
 
-def _streamed(args, env, cwd, on_line) -> subprocess.CompletedProcess:
-    import threading
-
-    p = subprocess.Popen(
+def start_piimage(
+    args, env, cwd, *, stdout=subprocess.PIPE, ctrl_c: bool = False
+) -> subprocess.Popen:
+    """`python -m piimage.cli ARGS` started, its log (stderr) a text pipe to read as it goes;
+    ctrl_c: with SIGINT's default action back (with_ctrl_c), for a test that sends it."""
+    return subprocess.Popen(
         [sys.executable, "-m", "piimage.cli", *args],
         env=env,
         cwd=cwd,
-        stdout=subprocess.PIPE,
+        preexec_fn=with_ctrl_c if ctrl_c else None,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _streamed(args, env, cwd, on_line) -> subprocess.CompletedProcess:
+    import threading
+
+    p = start_piimage(args, env, cwd)
     err: list[str] = []
 
     def read_log() -> None:

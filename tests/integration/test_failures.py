@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clihelp import live_partial, with_ctrl_c
+from clihelp import live_partial, start_piimage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -223,15 +223,7 @@ def test_lost_mirror(work):
 def _interrupt_when(
     args, env, cwd, marker: str, delay: float = 2.0, timeout: float = 1800, sig=signal.SIGINT
 ) -> tuple[int, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "piimage.cli", *args],
-        env=env,
-        cwd=cwd,
-        preexec_fn=with_ctrl_c,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_piimage(args, env, cwd, ctrl_c=True)
     lines = []
     t0 = time.monotonic()
     assert proc.stderr is not None
@@ -268,14 +260,7 @@ MATRIX_SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.S
 def _when_logged(args, env, cwd, marker: str, act) -> tuple[subprocess.Popen, list[str]]:
     """Start piimage and call act(proc) when `marker` appears in its log (the lines so far
     are returned with it; the rest of the log is still to be read from proc.stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "piimage.cli", *args],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_piimage(args, env, cwd, stdout=subprocess.DEVNULL)
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:
@@ -693,13 +678,11 @@ def test_two_builds_into_one_folder_wait_for_each_other(work):
     tmp_path, env, _ = work
     (tmp_path / "cluster.yaml").write_text(cluster_yaml())
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "piimage.cli", "build", "--hostname", h, "--compress", "none"],
-            env=env,
-            cwd=tmp_path,
+        start_piimage(
+            ["build", "--hostname", h, "--compress", "none"],
+            env,
+            tmp_path,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
         )
         for h in ("head", "node01")
     ]
@@ -730,14 +713,11 @@ def test_two_builds_into_two_folders_share_one_cache(work):
     with _slow_mirror(standin) as os_list_url:
         env = dict(env, PIIMAGE_OS_LIST_URL=os_list_url)
         procs = {
-            h: subprocess.Popen(
-                [sys.executable, "-m", "piimage.cli", "build", "--hostname", h]
-                + ["--compress", "none"],
-                env=env,
-                cwd=site,
+            h: start_piimage(
+                ["build", "--hostname", h, "--compress", "none"],
+                env,
+                site,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
             )
             for h, site in sites.items()
         }

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from clihelp import CLUSTER_YAML, piimage, pubkey, with_ctrl_c
+from clihelp import CLUSTER_YAML, piimage, pubkey, start_piimage
 from phases import record
 
 from piimage.fsutil import sha256_file as _sha
@@ -436,21 +436,12 @@ def test_interrupted_rehearsal_leaves_nothing(cluster, env):
     stop`; this run first removes what the killed one left), then Ctrl-C. TERM and INT exit
     130 and leave no QEMU, no overlay; the images are never touched."""
     import signal
-    import sys
     import time
 
     head = cluster / "out" / "testcluster" / "head.img"
     before = _sha(head)
     for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "piimage.cli", "rehearse", "--nodes", "head,node01"],
-            env=env,
-            cwd=cluster,
-            preexec_fn=with_ctrl_c,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_piimage(["rehearse", "--nodes", "head,node01"], env, cluster, ctrl_c=True)
         deadline = time.monotonic() + 600
         seen = ""
         while time.monotonic() < deadline:
