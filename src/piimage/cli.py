@@ -280,10 +280,16 @@ def check(inventory, verbose, quiet):
     show_default=True,
     help="Seconds to wait for the cluster to boot and become ready.",
 )
+@click.option(
+    "--hold",
+    is_flag=True,
+    help="After the checks keep the cluster running, reachable from a network namespace on "
+    "its network (ip netns exec …: the log names it), until Ctrl-C.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @common_options
 @handle_errors
-def rehearse(inventory, out_dir, nodes, timeout, as_json, verbose, quiet):
+def rehearse(inventory, out_dir, nodes, timeout, hold, as_json, verbose, quiet):
     """Boot the built images as a virtual cluster under QEMU and run real jobs on it."""
     _setup_logging(verbose, quiet)
     import json
@@ -294,7 +300,7 @@ def rehearse(inventory, out_dir, nodes, timeout, as_json, verbose, quiet):
     cluster = _load_cluster(inventory)
     names = [x.strip() for x in nodes.split(",") if x.strip()] if nodes else None
     selected = inv.select_nodes(cluster, names=names, all_nodes=names is None)
-    report = rh.rehearse(cluster, selected, out_dir=out_dir, timeout=timeout)
+    report = rh.rehearse(cluster, selected, out_dir=out_dir, timeout=timeout, hold=hold)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

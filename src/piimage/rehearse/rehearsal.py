@@ -179,10 +179,51 @@ class Rehearsal:
         return run_checks(ctx)
 
 
+def _hold(r: Rehearsal, hub: Hub, results: list[Check]) -> None:
+    """Keep the cluster running after its checks, reachable from a laptop namespace on its
+    network, until Ctrl-C or SIGTERM; where that namespace is goes to <logs>/laptop.json."""
+    from .netns import Laptop
+
+    failed = [f"{c.node} {c.name}" for c in results if not c.ok]
+    log.info(
+        "checks done: %d passed, %d failed%s",
+        len(results) - len(failed),
+        len(failed),
+        f" ({', '.join(failed)})" if failed else "",
+    )
+    info = r.logs / "laptop.json"
+    with Laptop(r.cluster, hub.port) as lap:
+        write_atomic(
+            info,
+            json.dumps({"netns": lap.name, "address": str(lap.address), "pid": os.getpid()}) + "\n",
+        )
+        log.info(
+            "holding the cluster: reach it with  ip netns exec %s ssh %s@%s  "
+            "(the laptop side is %s; Ctrl-C ends the rehearsal)",
+            lap.name,
+            r.cluster.admin.name,
+            r.head.ip if r.head else "",
+            lap.address,
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            log.info("ending the held rehearsal")
+        finally:
+            info.unlink(missing_ok=True)
+
+
 def rehearse(
-    cluster: Cluster, nodes: tuple[Node, ...], *, out_dir: Path, timeout: float = 1200
+    cluster: Cluster,
+    nodes: tuple[Node, ...],
+    *,
+    out_dir: Path,
+    timeout: float = 1200,
+    hold: bool = False,
 ) -> Report:
-    """Boot `nodes` from their built images, wait for the cluster, run the checks. Always
+    """Boot `nodes` from their built images, wait for the cluster, run the checks (with hold:
+    then keep it running, reachable from a laptop namespace, until interrupted). Always
     tears down (QEMU processes, hub, overlays); the logs and report stay in <out>/<cluster>/rehearsal/."""
     r = Rehearsal(cluster, nodes, out_dir, timeout)
     r.check_inputs()
@@ -201,6 +242,8 @@ def rehearse(
                 report.ready_seconds = r.wait_ready()
                 log.info("running the checks (%.0f s after power-on)", r.elapsed())
                 report.checks = r.checks()
+                if hold:
+                    _hold(r, hub, report.checks)
             finally:
                 r.teardown()
         report.boot_seconds = {
