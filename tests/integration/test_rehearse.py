@@ -188,12 +188,53 @@ def rehearsal(request, env, tmp_path_factory):
     # busy), the other lane's cluster may boot. --timeout: the wait for the cluster, raised
     # from 1200 s for a host that is busy with the other lane's builds; a passing run ends
     # when every node has settled, so it costs nothing then.
+    # On the release in VERIFIED the cluster is held after its checks, and `piimage verify`
+    # runs against it over SSH from the rehearsal's laptop namespace before it is ended.
+    verified: dict = {}
+
+    def on_line(line: str) -> None:
+        if "running the checks" in line:
+            release()
+        if "holding the cluster" in line:
+            _verify_held(good_dir, mixed, env, verified)
+
     with one_boot_at_a_time() as release:
-        proc = _rehearse(
-            good_dir, mixed, env, on_line=lambda ln: "running the checks" in ln and release()
-        )
+        proc = _rehearse(good_dir, mixed, env, on_line=on_line, hold=suite in VERIFIED)
     after = {h: _sha(p) for h, p in images.items()}
-    return _outcome(suite, proc, mixed, before, after)
+    return (*_outcome(suite, proc, mixed, before, after), verified)
+
+
+# `piimage verify` runs against one release's rehearsal (the checks are the same code on both;
+# a second run would cost the other lane minutes of jobs)
+VERIFIED = ("trixie",)
+
+
+def _verify_held(good_dir: Path, mixed: Path, env, verified: dict) -> None:
+    """verify from the held rehearsal's laptop namespace, as a user's laptop on the cluster's
+    switch runs it (the admin's key, the secrets' host keys), then end the rehearsal."""
+    import signal
+    import sys
+
+    info = json.loads((mixed / "rehearsal" / "laptop.json").read_text())
+    t0 = time.monotonic()
+    try:
+        verified["proc"] = subprocess.run(
+            [
+                *("ip", "netns", "exec", info["netns"]),
+                *(sys.executable, "-m", "piimage.cli", "verify", "--json"),
+                *("-i", str(good_dir / "cluster.yaml"), "--out", str(mixed.parent)),
+                *("--identity", str(Path(env["HOME"]) / ".ssh" / "id_ed25519")),
+            ],
+            env=env,
+            cwd=good_dir,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        verified["netns"] = info["netns"]
+        record("piimage verify over SSH (held trixie rehearsal)", time.monotonic() - t0, t0)
+    finally:
+        os.kill(info["pid"], signal.SIGTERM)
 
 
 @contextmanager
@@ -220,7 +261,9 @@ def one_boot_at_a_time():
             release()
 
 
-def _rehearse(good_dir: Path, mixed: Path, env, on_line=None) -> subprocess.CompletedProcess:
+def _rehearse(
+    good_dir: Path, mixed: Path, env, on_line=None, hold: bool = False
+) -> subprocess.CompletedProcess:
     return piimage(
         [
             "rehearse",
@@ -231,6 +274,7 @@ def _rehearse(good_dir: Path, mixed: Path, env, on_line=None) -> subprocess.Comp
             "--json",
             "--timeout",
             "2400",
+            *(["--hold"] if hold else []),
         ],
         env,
         good_dir,
@@ -263,7 +307,7 @@ def _outcome(suite: str, proc, mixed: Path, before: dict, after: dict):
 
 
 def test_rehearsal_of_a_working_cluster(rehearsal):
-    suite, proc, report, mixed, before, after = rehearsal
+    suite, proc, report, mixed, before, after, _ = rehearsal
     assert report["nodes"] == ["head", "node01", "node02", "node03"]
     checks = {(c["name"], c["node"]): c for c in report["checks"]}
     # every check of the three good nodes passes: the only failures are node03's (next tests)
@@ -375,7 +419,7 @@ def test_rehearsal_of_a_working_cluster(rehearsal):
 
 def test_rehearsal_catches_a_foreign_munge_key(rehearsal):
     """node03's munge key is another cluster's: the report names the node and the check."""
-    _, proc, report, _, _, _ = rehearsal
+    _, proc, report, _, _, _, _ = rehearsal
     assert proc.returncode == 1, (
         f"rehearse should fail:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )
@@ -399,7 +443,7 @@ def test_rehearsal_catches_a_foreign_munge_key(rehearsal):
 def test_rehearsal_catches_the_old_first_boot_bug(rehearsal):
     """node03 built as piimage built images before the faithful first boot fails exactly the
     check for its release's bug, named with the node."""
-    suite, _, report, _, _, _ = rehearsal
+    suite, _, report, _, _, _, _ = rehearsal
     checks = {(c["name"], c["node"]): c for c in report["checks"]}
     if suite == "trixie":
         first = checks[("firstboot", "node03")]
@@ -412,6 +456,52 @@ def test_rehearsal_catches_the_old_first_boot_bug(rehearsal):
         ), key
         ssh = checks[("ssh", "node03")]
         assert not ssh["ok"] and "cannot SSH to node03" in ssh["summary"], ssh
+
+
+def test_verify_over_ssh_checks_the_held_cluster_as_a_laptop_would(rehearsal):
+    """`piimage verify` from the laptop namespace of the held trixie rehearsal: over SSH to the
+    inventory's addresses as the admin, host keys from the secrets, the rehearsal's checks
+    (less oom) and the real-board ones. The good nodes pass; node03's foreign munge key fails
+    verify as it failed the rehearsal, named with the node and the check."""
+    suite, _, rehearsed, mixed, _, _, verified = rehearsal
+    if suite not in VERIFIED:
+        pytest.skip(f"verify runs against the {', '.join(VERIFIED)} rehearsal only")
+    proc = verified["proc"]
+    assert proc.stdout.strip().startswith("{"), proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    checks = {(c["name"], c["node"]): c for c in report["checks"]}
+    assert proc.returncode == 1 and report["kind"] == "verify", proc.stderr[-3000:]
+    assert "verify failed:" in proc.stderr and "node03 munge" in proc.stderr, proc.stderr[-3000:]
+    assert report["nodes"] == ["head", "node01", "node02", "node03"]
+    assert all(isinstance(report["boot_seconds"][h], int) for h in report["nodes"])
+    munge = checks[("munge", "node03")]
+    assert not munge["ok"] and "Invalid credential" in munge["summary"], munge
+    failed = {k for k, c in checks.items() if not c["ok"]}
+    # what the rehearsal found wrong with node03, and nothing on the good nodes but Slurm's own
+    # view of node03 (sinfo, drained)
+    rehearsal_failed = {(c["name"], c["node"]) for c in rehearsed["checks"] if not c["ok"]}
+    assert failed - {("drained", "head")} == rehearsal_failed, "\n".join(
+        f"{c['name']} {c['node']}: {c['summary']}\n{c['output'][-1000:]}"
+        for k, c in checks.items()
+        if k in failed
+    )
+    if ("drained", "head") in failed:
+        assert "node03" in checks[("drained", "head")]["summary"]
+        assert "node01" not in checks[("drained", "head")]["summary"]
+    assert ("oom", "head") not in checks
+    for node in ("node01", "node02"):
+        hw = checks[("hardware", node)]
+        assert hw["ok"] and re.match(r"\d CPUs, \d+ MB \(slurm\.conf: \d, \d+", hw["summary"]), hw
+    for node in GOOD:
+        assert checks[("card", node)]["ok"], checks[("card", node)]
+        assert checks[("boot", node)]["summary"].startswith("up "), checks[("boot", node)]
+    for name in ("srun", "mpi", "examples", "history", "mpirun", "hostfile"):
+        assert checks[(name, "head")]["ok"], checks[(name, "head")]
+    assert json.loads((mixed / "verify" / "report.json").read_text()) == report
+    # the laptop's side is gone with the rehearsal
+    assert not (mixed / "rehearsal" / "laptop.json").exists()
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert verified["netns"] not in netns
 
 
 def test_rehearse_refuses_missing_images(cluster, env, tmp_path):
