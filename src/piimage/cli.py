@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from . import log as logmod
-from .errors import InventoryError, PiimageError
+from .errors import InventoryError, PiimageError, UserError
 from .log import log
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPT = 0, 1, 2, 130
@@ -345,6 +345,43 @@ def verify(inventory, out_dir, nodes, identity, user, as_json, verbose, quiet):
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
     if not report.ok:
         raise vf.VerifyFailed(vf.describe_failure(report))
+
+
+@main.command(name="apply")
+@inventory_option
+@click.option("--nodes", help="Comma-separated nodes to bring up to date (default: every node).")
+@click.option("--dry-run", is_flag=True, help="Only show what would change; change nothing.")
+@click.option(
+    "--identity",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Private key to log in as the admin with (default: ssh's own: agent, ~/.ssh/id_*).",
+)
+@click.option("--user", default="", help="Log in as this user (default: the inventory's admin).")
+@common_options
+@handle_errors
+def apply_cmd(inventory, nodes, dry_run, identity, user, verbose, quiet):
+    """Bring the running cluster's cluster-wide files (slurm.conf, hosts, known hosts, MPI
+    hostfiles, exports, time settings) up to date with cluster.yaml, over SSH."""
+    _setup_logging(verbose, quiet)
+    from . import apply as ap
+    from . import inventory as inv
+
+    cluster = _load_cluster(inventory)
+    names = [x.strip() for x in nodes.split(",") if x.strip()] if nodes else None
+    selected = inv.select_nodes(cluster, names=names, all_nodes=names is None)
+    if identity is not None and not identity.is_file():
+        raise UserError(f"--identity {identity}: no such file")
+    outcome = ap.apply(
+        cluster, selected, dry_run=dry_run, identity=identity, user=user, echo=click.echo
+    )
+    click.echo(outcome.text())
+    if not outcome.ok:
+        failed = ", ".join(n for n, r in outcome.results.items() if r.error)
+        raise ap.ApplyFailed(f"apply failed on {failed}")
+    if not outcome.changes and not outcome.removed:
+        click.echo("the cluster is up to date")
+    elif dry_run:
+        click.echo(f"{outcome.changes} file(s) would change (--dry-run: nothing was written)")
 
 
 @main.command()
