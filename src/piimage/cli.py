@@ -286,10 +286,18 @@ def check(inventory, verbose, quiet):
     help="After the checks keep the cluster running, reachable from a network namespace on "
     "its network (ip netns exec …: the log names it), until Ctrl-C.",
 )
+@click.option(
+    "--join",
+    "join",
+    metavar="NODES",
+    help="Boot these nodes (comma-separated, built from the current cluster.yaml) into the "
+    "rehearsal already held (--hold) with the same --out, as new cards powered on beside "
+    "the running ones.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @common_options
 @handle_errors
-def rehearse(inventory, out_dir, nodes, timeout, hold, as_json, verbose, quiet):
+def rehearse(inventory, out_dir, nodes, timeout, hold, join, as_json, verbose, quiet):
     """Boot the built images as a virtual cluster under QEMU and run real jobs on it."""
     _setup_logging(verbose, quiet)
     import json
@@ -298,6 +306,18 @@ def rehearse(inventory, out_dir, nodes, timeout, hold, as_json, verbose, quiet):
     from . import rehearse as rh
 
     cluster = _load_cluster(inventory)
+    if join:
+        wanted = [x.strip() for x in join.split(",") if x.strip()]
+        inv.select_nodes(cluster, names=wanted, all_nodes=False)  # known nodes, or exit 2
+        source = cluster.source or Path("cluster.yaml")
+        answer = rh.join(cluster, wanted, out_dir=out_dir, inventory=source, timeout=timeout)
+        if answer.get("error"):
+            raise UserError(answer["error"])
+        for a in answer["nodes"].values():
+            click.echo(f"{'up  ' if a['ok'] else 'FAIL'}  {a['summary']}")
+        if not all(a["ok"] for a in answer["nodes"].values()):
+            raise rh.RehearsalFailed("a joining node did not come up")
+        return
     names = [x.strip() for x in nodes.split(",") if x.strip()] if nodes else None
     selected = inv.select_nodes(cluster, names=names, all_nodes=names is None)
     report = rh.rehearse(cluster, selected, out_dir=out_dir, timeout=timeout, hold=hold)

@@ -279,7 +279,13 @@ def drained(ctx: ck.Context) -> None:
     if rc != 0:
         ctx.add("drained", ctx.head.name, False, "sinfo -R failed", text)
         return
-    rows = [ln.split("|", 2) for ln in text.splitlines() if ln.count("|") >= 2]
+    # only the nodes being checked: one left out of --nodes is not this check's business
+    names = {st.name for st in ctx.nodes}
+    rows = [
+        row
+        for row in (ln.split("|", 2) for ln in text.splitlines() if ln.count("|") >= 2)
+        if row[0] in names
+    ]
     ctx.add(
         "drained",
         ctx.head.name,

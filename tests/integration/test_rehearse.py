@@ -204,37 +204,68 @@ def rehearsal(request, env, tmp_path_factory):
     return (*_outcome(suite, proc, mixed, before, after), verified)
 
 
-# `piimage verify` runs against one release's rehearsal (the checks are the same code on both;
-# a second run would cost the other lane minutes of jobs)
+# Day two runs against one release's held rehearsal (the code is the same on both; a second
+# run would cost the other lane minutes of jobs): the cluster grows by node04, built alone from
+# the edited inventory and booted beside the running nodes, `apply` brings the others up to
+# date, and `verify` checks all five over SSH from the laptop namespace.
 VERIFIED = ("trixie",)
+NODE04 = "  - {hostname: node04, role: compute, ip: 10.0.0.14}\n"
 
 
 def _verify_held(good_dir: Path, mixed: Path, env, verified: dict) -> None:
-    """verify from the held rehearsal's laptop namespace, as a user's laptop on the cluster's
-    switch runs it (the admin's key, the secrets' host keys), then end the rehearsal."""
+    """Grow the held cluster and check it as a user would from a laptop on its switch (the
+    admin's key, host keys from the secrets), then end the rehearsal."""
     import signal
     import sys
 
     info = json.loads((mixed / "rehearsal" / "laptop.json").read_text())
+    laptop = ["ip", "netns", "exec", info["netns"], sys.executable, "-m", "piimage.cli"]
+    key = ["--identity", str(Path(env["HOME"]) / ".ssh" / "id_ed25519")]
     t0 = time.monotonic()
     try:
-        verified["proc"] = subprocess.run(
-            [
-                *("ip", "netns", "exec", info["netns"]),
-                *(sys.executable, "-m", "piimage.cli", "verify", "--json"),
-                *("-i", str(good_dir / "cluster.yaml"), "--out", str(mixed.parent)),
-                *("--identity", str(Path(env["HOME"]) / ".ssh" / "id_ed25519")),
-            ],
-            env=env,
-            cwd=good_dir,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
         verified["netns"] = info["netns"]
-        record("piimage verify over SSH (held trixie rehearsal)", time.monotonic() - t0, t0)
+        (run_dir,) = Path("/var/tmp").glob(f"piimage-rehearse-{info['pid']}-*")
+        verified["overlays"] = {p.name: _inode(p) for p in run_dir.glob("*.qcow2")}
+        # the owner adds node04 to cluster.yaml (in a copy: other tests read good_dir's) and
+        # builds only its image, with the cluster's secrets
+        grown = good_dir.parent / f"{good_dir.name}-grown"
+        grown.mkdir()
+        shutil.copytree(good_dir / ".piimage", grown / ".piimage")
+        (grown / "cluster.yaml").write_text((good_dir / "cluster.yaml").read_text() + NODE04)
+        inv = ["-i", str(grown / "cluster.yaml")]
+        verified["build"] = piimage(
+            ["build", "--hostname", "node04", "--compress", "none"], env, grown, check_rc=None
+        )
+        os.link(grown / "out" / "testcluster" / "node04.img", mixed / "node04.img")
+        # its card powered on beside the running cluster, then the README's day-two commands
+        verified["join"] = piimage(
+            ["rehearse", "--join", "node04", *inv, "--out", str(mixed.parent)],
+            env,
+            grown,
+            check_rc=None,
+        )
+        for name, args in (
+            ("dry-run", ["apply", "--dry-run", *inv, *key]),
+            ("apply", ["apply", *inv, *key]),
+            ("dry-run after", ["apply", "--dry-run", *inv, *key]),
+            ("verify", ["verify", "--json", *inv, "--out", str(mixed.parent), *key]),
+        ):
+            t1 = time.monotonic()
+            verified[name] = subprocess.run(
+                laptop + args, env=env, cwd=grown, capture_output=True, text=True, timeout=1800
+            )
+            record(f"piimage {name} over SSH (held trixie rehearsal)", time.monotonic() - t1, t1)
+        verified["overlays after"] = {p.name: _inode(p) for p in run_dir.glob("*.qcow2")}
+        record(
+            "day two on the held trixie rehearsal: grow, apply, verify", time.monotonic() - t0, t0
+        )
     finally:
         os.kill(info["pid"], signal.SIGTERM)
+
+
+def _inode(p: Path) -> tuple[int, int]:
+    st = p.stat()
+    return st.st_ino, st.st_ctime_ns
 
 
 @contextmanager
@@ -458,46 +489,76 @@ def test_rehearsal_catches_the_old_first_boot_bug(rehearsal):
         assert not ssh["ok"] and "cannot SSH to node03" in ssh["summary"], ssh
 
 
-def test_verify_over_ssh_checks_the_held_cluster_as_a_laptop_would(rehearsal):
-    """`piimage verify` from the laptop namespace of the held trixie rehearsal: over SSH to the
-    inventory's addresses as the admin, host keys from the secrets, the rehearsal's checks
-    (less oom) and the real-board ones. The good nodes pass; node03's foreign munge key fails
-    verify as it failed the rehearsal, named with the node and the check."""
-    suite, _, rehearsed, mixed, _, _, verified = rehearsal
+def test_day_two_grow_the_held_cluster_apply_and_verify_over_ssh(rehearsal):
+    """Issue 12's day two on the held trixie rehearsal, from its laptop namespace: node04 added
+    to cluster.yaml and built alone joins the running cluster; `apply --dry-run` shows what
+    the running nodes lack, `apply` writes it (and reconfigures Slurm), after which a dry run
+    shows nothing; `verify` over SSH then finds node04 idle in Slurm, running jobs and MPI with
+    the old nodes, and every good node passing — and names node03's foreign munge key, as the
+    rehearsal did. No running node's card was re-flashed (overlays kept) or rebuilt."""
+    suite, _, rehearsed, mixed, before, after, verified = rehearsal
     if suite not in VERIFIED:
-        pytest.skip(f"verify runs against the {', '.join(VERIFIED)} rehearsal only")
-    proc = verified["proc"]
-    assert proc.stdout.strip().startswith("{"), proc.stderr[-4000:]
+        pytest.skip(f"day two runs on the {', '.join(VERIFIED)} rehearsal only")
+
+    def out(name: str) -> str:
+        p = verified[name]
+        return f"{name}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+
+    assert verified["build"].returncode == 0, out("build")
+    assert verified["join"].returncode == 0, out("join")
+    assert "node04 booted in" in verified["join"].stdout, out("join")
+    dry = verified["dry-run"]
+    assert dry.returncode == 0 and "nothing was written" in dry.stdout, out("dry-run")
+    for node in ("head", "node01", "node02"):
+        assert f"+++ {node}:/etc/hosts (cluster.yaml)" in dry.stdout, out("dry-run")
+        assert f"+++ {node}:/etc/slurm/slurm.conf (cluster.yaml)" in dry.stdout, out("dry-run")
+    assert re.search(r"^\+NodeName=node04 ", dry.stdout, re.M), out("dry-run")
+    assert "node04       up to date" in dry.stdout, out("dry-run")
+    assert verified["apply"].returncode == 0, out("apply")
+    assert "scontrol reconfigure" in verified["apply"].stdout, out("apply")
+    again = verified["dry-run after"]
+    assert again.returncode == 0 and "the cluster is up to date" in again.stdout, out(
+        "dry-run after"
+    )
+
+    proc = verified["verify"]
+    assert proc.stdout.strip().startswith("{"), out("verify")
     report = json.loads(proc.stdout)
     checks = {(c["name"], c["node"]): c for c in report["checks"]}
-    assert proc.returncode == 1 and report["kind"] == "verify", proc.stderr[-3000:]
-    assert "verify failed:" in proc.stderr and "node03 munge" in proc.stderr, proc.stderr[-3000:]
-    assert report["nodes"] == ["head", "node01", "node02", "node03"]
+    assert proc.returncode == 1 and report["kind"] == "verify", out("verify")
+    assert "verify failed:" in proc.stderr and "node03 munge" in proc.stderr, out("verify")
+    assert report["nodes"] == ["head", "node01", "node02", "node03", "node04"]
     assert all(isinstance(report["boot_seconds"][h], int) for h in report["nodes"])
     munge = checks[("munge", "node03")]
     assert not munge["ok"] and "Invalid credential" in munge["summary"], munge
+    # node03's failures are the rehearsal's; nothing else fails but Slurm's own view of it
     failed = {k for k, c in checks.items() if not c["ok"]}
-    # what the rehearsal found wrong with node03, and nothing on the good nodes but Slurm's own
-    # view of node03 (sinfo, drained)
-    rehearsal_failed = {(c["name"], c["node"]) for c in rehearsed["checks"] if not c["ok"]}
-    assert failed - {("drained", "head")} == rehearsal_failed, "\n".join(
+    node03 = {(c["name"], c["node"]) for c in rehearsed["checks"] if not c["ok"]}
+    assert failed - {("drained", "head")} == node03, "\n".join(
         f"{c['name']} {c['node']}: {c['summary']}\n{c['output'][-1000:]}"
         for k, c in checks.items()
         if k in failed
     )
     if ("drained", "head") in failed:
         assert "node03" in checks[("drained", "head")]["summary"]
-        assert "node01" not in checks[("drained", "head")]["summary"]
+        assert "node04" not in checks[("drained", "head")]["summary"]
     assert ("oom", "head") not in checks
-    for node in ("node01", "node02"):
-        hw = checks[("hardware", node)]
-        assert hw["ok"] and re.match(r"\d CPUs, \d+ MB \(slurm\.conf: \d, \d+", hw["summary"]), hw
-    for node in GOOD:
-        assert checks[("card", node)]["ok"], checks[("card", node)]
-        assert checks[("boot", node)]["summary"].startswith("up "), checks[("boot", node)]
+    # node04 is idle in Slurm and runs jobs and MPI with the old nodes; its host key is the
+    # one everybody's ssh_known_hosts lists (apply gave it to the old ones)
+    assert re.search(r"^node04\s+idle$", checks[("sinfo", "head")]["output"], re.M)
+    assert "node04" in checks[("srun", "head")]["output"].split(), checks[("srun", "head")]
     for name in ("srun", "mpi", "examples", "history", "mpirun", "hostfile"):
         assert checks[(name, "head")]["ok"], checks[(name, "head")]
+    assert "node04" in checks[("mpirun", "head")]["output"], checks[("mpirun", "head")]
+    for node in ("node01", "node02", "node04"):
+        for name in ("hardware", "card", "hostkey", "ssh", "munge", "shared"):
+            assert checks[(name, node)]["ok"], checks[(name, node)]
+    assert checks[("boot", "node04")]["summary"].startswith("up "), checks[("boot", "node04")]
     assert json.loads((mixed / "verify" / "report.json").read_text()) == report
+    # nothing of the running nodes was rebuilt or re-flashed
+    assert after == before
+    kept = {n: v for n, v in verified["overlays after"].items() if n in verified["overlays"]}
+    assert kept == verified["overlays"] and "node04.qcow2" in verified["overlays after"]
     # the laptop's side is gone with the rehearsal
     assert not (mixed / "rehearsal" / "laptop.json").exists()
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -304,3 +304,67 @@ def test_a_spawned_machine_dies_with_piimage(tmp_path):
         time.sleep(0.05)
     else:
         raise AssertionError(f"pid {child} still runs after its piimage was killed")
+
+
+# ---------------------------------------------------------------------------------------------
+# rehearse --join: the request and answer files between the asking piimage and the holder
+# ---------------------------------------------------------------------------------------------
+def test_join_without_a_held_rehearsal_says_how_to_start_one(tmp_path):
+    from types import SimpleNamespace as NS
+
+    from piimage.rehearse import join
+
+    with pytest.raises(UserError, match="no held rehearsal of lab") as e:
+        join(NS(name="lab"), ["node04"], out_dir=tmp_path, inventory=tmp_path / "c.yaml", timeout=5)
+    assert "rehearse --hold" in e.value.hint
+
+
+def test_a_join_request_is_served_in_the_holders_loop_and_answered(tmp_path, monkeypatch):
+    """The asking side writes join-request.json and waits; the holder's loop boots each node
+    (here a fake join) and writes join-<token>.json, which the asker reads and removes."""
+    import json
+    from types import SimpleNamespace as NS
+
+    from piimage.rehearse import join, rehearsal
+
+    logs = tmp_path / "out" / "lab" / "rehearsal"
+    logs.mkdir(parents=True)
+    (logs / "laptop.json").write_text(json.dumps({"netns": "x", "pid": os.getpid()}))
+    joined = []
+
+    class Holder:
+        def __init__(self):
+            self.logs = logs
+
+        def join(self, cluster, node, timeout):
+            joined.append((node.hostname, timeout))
+            return True, f"{node.hostname} booted in 99 s and is up"
+
+    inventory = tmp_path / "cluster.yaml"
+    monkeypatch.setattr("piimage.inventory.load", lambda path: NS(name="lab", source=path))
+    monkeypatch.setattr(
+        "piimage.inventory.select_nodes",
+        lambda cluster, names, all_nodes: tuple(NS(hostname=n) for n in names),
+    )
+    holder = Holder()
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            rehearsal._serve_joins(holder)
+            time.sleep(0.1)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        answer = join(
+            NS(name="lab"), ["node04"], out_dir=tmp_path / "out", inventory=inventory, timeout=30
+        )
+    finally:
+        stop.set()
+        t.join()
+    assert answer == {
+        "nodes": {"node04": {"ok": True, "summary": "node04 booted in 99 s and is up"}}
+    }
+    assert joined == [("node04", 30.0)]
+    assert sorted(p.name for p in logs.iterdir()) == ["laptop.json"]  # request and answer gone

@@ -100,7 +100,7 @@ def test_less_memory_than_slurm_conf_says_fails_hardware_with_the_fix(tmp_path):
 def test_a_full_card_and_a_drained_node_fail_with_the_reason(tmp_path):
     fc = RealBoards(tmp_path, {"node01": "idle", "node02": "idle"})
     fc.df = "31000000000 500000000"
-    fc.drained = "node02|drained|Low RealMemory\n"
+    fc.drained = "node02|drained|Low RealMemory\nnode09|down|Not responding\n"  # 09: not ours
     results = run_checks(fc.context(), vf.registry())
     cards = [c for c in results if c.name == "card"]
     assert cards and not any(c.ok for c in cards)

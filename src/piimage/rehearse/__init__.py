@@ -38,7 +38,7 @@ from .overlay import (
     _overlay_tar,
 )
 from .readiness import _failed_units_text, _idle_nodes
-from .rehearsal import Rehearsal, rehearse
+from .rehearsal import Rehearsal, join, rehearse
 from .report import Check, RehearsalFailed, Report
 from .vm import MAX_REBOOTS, NodeState, _console_trouble
 
@@ -74,6 +74,7 @@ __all__ = [
     "_idle_nodes",
     "_overlay_tar",
     "_unmunge_error",
+    "join",
     "rehearse",
     "run_checks",
 ]

@@ -154,3 +154,38 @@ def _idle_nodes(sinfo: str) -> set[str]:
 def _failed_units_text(probe: dict[str, str]) -> str:
     units = probe.get("failed", "").split()
     return "failed units: " + ", ".join(units) if units else "no failed unit listed"
+
+
+def wait_node(r: Rehearsal, st: NodeState, timeout: float) -> bool:
+    """One node powered on into a running cluster (rehearse --join): polled until it has
+    booted and its role units and mount are up (True), it failed, or the time is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not r.alive(st):
+            return False
+        try:
+            probe = _probe(r, st)
+        except AgentTimeout:
+            time.sleep(3)
+            continue
+        st.last = probe
+        if st.boot_s is None and probe.get("state") not in ("", "initializing", "starting", None):
+            st.boot_s = time.monotonic() - st.started
+            _milestone(r, st, "booted", f"booted, system {probe.get('state')}")
+        if probe.get("state") == "maintenance" and not st.failed:
+            st.failed = f"in emergency mode; {_failed_units_text(probe)}"
+            return False
+        if str(st.node.ip) in probe.get("addr", "").replace("/", " ").split():
+            _milestone(r, st, "address", f"has address {st.node.ip}")
+        for u in role_units(st.node):
+            state = probe.get(f"unit.{u}", "")
+            if state == "active":
+                _milestone(r, st, u, f"{u} up")
+            elif state == "failed":
+                _milestone(r, st, u + "-failed", f"{u} FAILED")
+        if "nfs" in probe.get("mount", ""):
+            _milestone(r, st, "mount", f"{r.cluster.shared.path} mounted")
+        if _complete(r, st):
+            return True
+        time.sleep(3)
+    return False

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import PiimageError, UserError
 from ..fsutil import write_atomic
 from ..guestkernel import GuestKernel, guest_kernel
 from ..inventory import Cluster, Node
@@ -112,7 +112,50 @@ class Rehearsal:
                 want[n.hostname],
                 index=len(self.states) + 1,
             )
-        self.kernel = guest_kernel(overlay.install(self.states.values()))
+        self.suite = overlay.install(self.states.values())
+        self.kernel = guest_kernel(self.suite)
+
+    def join(self, cluster: Cluster, node: Node, timeout: float) -> tuple[bool, str]:
+        """Boot `node` (in `cluster`, the inventory as it is now) into the running cluster, as a
+        newly flashed card is powered on beside the others: (it is up, what came of it).
+        Raises UserError for a node that cannot join (no image, another release, running)."""
+        if node.hostname in self.states:
+            raise UserError(f"{node.hostname} is already part of the rehearsal")
+        img = self.images / f"{node.hostname}.img"
+        if not img.is_file():
+            raise UserError(
+                f"no built image for {node.hostname} in {self.images}/",
+                hint=f"build it first: piimage build --hostname {node.hostname}",
+            )
+        ov = self.run_dir / f"{node.hostname}.qcow2"
+        overlay.create(img.resolve(), ov, node.hostname)
+        st = NodeState(
+            node,
+            img.resolve(),
+            ov,
+            self.logs / f"{node.hostname}.console.log",
+            Agent(self.run_dir / f"{node.hostname}.agent"),
+            vm.memory_mb((node,))[node.hostname],
+            index=len(self.states) + 1,
+        )
+        st.console.unlink(missing_ok=True)
+        suite = overlay.install([st])
+        if suite != self.suite:
+            ov.unlink(missing_ok=True)
+            raise UserError(f"{node.hostname}'s image is {suite}, the cluster runs {self.suite}")
+        self.states[node.hostname] = st
+        self.cluster = cluster
+        self.nodes = (*self.nodes, node)
+        if node.facts.slurmd:
+            self.compute.append(node)
+        self._power_on(st)
+        st.started = time.monotonic()
+        log.info("%s: joining (%d MiB): %s", st.name, st.memory_mb, st.cmdlines[-1])
+        st.agent.connect(timeout=10)
+        if readiness.wait_node(self, st, timeout):
+            return True, f"{node.hostname} booted in {st.boot_s:.0f} s and is up"
+        why = st.failed or f"not up in {timeout:.0f} s"
+        return False, f"{node.hostname} did not come up: {why}; see {st.console}"
 
     # -- running ----------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -207,11 +250,77 @@ def _hold(r: Rehearsal, hub: Hub, results: list[Check]) -> None:
         )
         try:
             while True:
-                time.sleep(3600)
+                time.sleep(1)
+                _serve_joins(r)
         except KeyboardInterrupt:
             log.info("ending the held rehearsal")
         finally:
             info.unlink(missing_ok=True)
+
+
+JOIN_REQUEST = "join-request.json"
+
+
+def _serve_joins(r: Rehearsal) -> None:
+    """A `rehearse --join` waiting (its request in the logs folder): boot its nodes here, in
+    the main thread (QEMU dies with the thread that started it), and answer beside it."""
+    req_path = r.logs / JOIN_REQUEST
+    try:
+        req = json.loads(req_path.read_text())
+    except (OSError, ValueError):
+        return
+    req_path.unlink(missing_ok=True)
+    from .. import inventory as inv
+
+    answer: dict = {"nodes": {}}
+    try:
+        cluster = inv.load(Path(req["inventory"]))
+        nodes = inv.select_nodes(cluster, names=list(req["nodes"]), all_nodes=False)
+        for n in nodes:
+            ok, summary = r.join(cluster, n, float(req.get("timeout", 1200)))
+            answer["nodes"][n.hostname] = {"ok": ok, "summary": summary}
+    except PiimageError as e:
+        answer["error"] = e.message
+    write_atomic(r.logs / f"join-{req.get('token', 'x')}.json", json.dumps(answer) + "\n")
+
+
+def join(
+    cluster: Cluster, names: list[str], *, out_dir: Path, inventory: Path, timeout: float
+) -> dict:
+    """Ask the held rehearsal of `cluster` (rehearse --hold, same --out) to boot `names`; its
+    answer: {"nodes": {name: {"ok", "summary"}}, "error"?}."""
+    import uuid
+
+    logs = out_dir.absolute() / cluster.name / "rehearsal"
+    try:
+        held = json.loads((logs / "laptop.json").read_text())
+    except (OSError, ValueError):
+        held = None
+    if not held or not Path(f"/proc/{held['pid']}").exists():
+        raise UserError(
+            f"no held rehearsal of {cluster.name} in {logs.parent}/",
+            hint="start one first: piimage rehearse --hold (with the same --out)",
+        )
+    token = uuid.uuid4().hex[:12]
+    answer_path = logs / f"join-{token}.json"
+    request = {
+        "inventory": str(inventory.absolute()),
+        "nodes": names,
+        "timeout": timeout,
+        "token": token,
+    }
+    write_atomic(logs / JOIN_REQUEST, json.dumps(request) + "\n")
+    deadline = time.monotonic() + timeout + 300
+    try:
+        while time.monotonic() < deadline:
+            if answer_path.exists():
+                return json.loads(answer_path.read_text())
+            if not Path(f"/proc/{held['pid']}").exists():
+                raise UserError("the held rehearsal ended before it answered")
+            time.sleep(1)
+        raise UserError(f"the held rehearsal did not answer in {timeout + 300:.0f} s")
+    finally:
+        answer_path.unlink(missing_ok=True)
 
 
 def rehearse(
