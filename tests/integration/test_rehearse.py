@@ -207,8 +207,10 @@ def rehearsal(request, env, tmp_path_factory):
 # Day two runs against one release's held rehearsal (the code is the same on both; a second
 # run would cost the other lane minutes of jobs): the cluster grows by node04, built alone from
 # the edited inventory and booted beside the running nodes, `apply` brings the others up to
-# date, and `verify` checks all five over SSH from the laptop namespace.
-VERIFIED = ("trixie",)
+# date, and `verify` checks all five over SSH from the laptop namespace. Opt-in for now
+# (PIIMAGE_TEST_DAY_TWO=1): it adds ~10-30 min to the trixie lane (1819 s in its first side
+# run, with a CI run beside it) and the suite is not yet inside its budget (issue 9, HACKING).
+VERIFIED = ("trixie",) if os.environ.get("PIIMAGE_TEST_DAY_TWO") == "1" else ()
 NODE04 = "  - {hostname: node04, role: compute, ip: 10.0.0.14}\n"
 
 
@@ -237,13 +239,16 @@ def _verify_held(good_dir: Path, mixed: Path, env, verified: dict) -> None:
             ["build", "--hostname", "node04", "--compress", "none"], env, grown, check_rc=None
         )
         os.link(grown / "out" / "testcluster" / "node04.img", mixed / "node04.img")
-        # its card powered on beside the running cluster, then the README's day-two commands
-        verified["join"] = piimage(
-            ["rehearse", "--join", "node04", *inv, "--out", str(mixed.parent)],
-            env,
-            grown,
-            check_rc=None,
-        )
+        # its card powered on beside the running cluster (one boot on the machine at a time,
+        # as for whole clusters), then the README's day-two commands
+        with one_boot_at_a_time():
+            verified["join"] = piimage(
+                ["rehearse", "--join", "node04", *inv, "--out", str(mixed.parent)]
+                + ["--timeout", "2400"],
+                env,
+                grown,
+                check_rc=None,
+            )
         for name, args in (
             ("dry-run", ["apply", "--dry-run", *inv, *key]),
             ("apply", ["apply", *inv, *key]),
@@ -263,9 +268,10 @@ def _verify_held(good_dir: Path, mixed: Path, env, verified: dict) -> None:
         os.kill(info["pid"], signal.SIGTERM)
 
 
-def _inode(p: Path) -> tuple[int, int]:
-    st = p.stat()
-    return st.st_ino, st.st_ctime_ns
+def _inode(p: Path) -> int:
+    """Which file an overlay is (a running VM writes to it, so its times change; a recreated
+    one would be another inode)."""
+    return p.stat().st_ino
 
 
 @contextmanager
@@ -498,7 +504,10 @@ def test_day_two_grow_the_held_cluster_apply_and_verify_over_ssh(rehearsal):
     rehearsal did. No running node's card was re-flashed (overlays kept) or rebuilt."""
     suite, _, rehearsed, mixed, before, after, verified = rehearsal
     if suite not in VERIFIED:
-        pytest.skip(f"day two runs on the {', '.join(VERIFIED)} rehearsal only")
+        pytest.skip(
+            "day two runs on the held trixie rehearsal with PIIMAGE_TEST_DAY_TWO=1 only "
+            "(not in CI until the suite has room in its budget: issue 9)"
+        )
 
     def out(name: str) -> str:
         p = verified[name]
