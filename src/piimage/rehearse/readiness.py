@@ -74,6 +74,32 @@ def _milestone(r: Rehearsal, st: NodeState, key: str, text: str) -> None:
         log.info("%s: %s (%.0f s)", st.name, text, r.elapsed())
 
 
+def _take(r: Rehearsal, st: NodeState, probe: dict[str, str]) -> None:
+    """What a probe shows of the node: its boot, emergency mode, its name, address, role
+    units and mount, each logged once as it is reached."""
+    st.last = probe
+    if st.boot_s is None and probe.get("state") not in ("", "initializing", "starting", None):
+        st.boot_s = time.monotonic() - st.started
+        _milestone(r, st, "booted", f"booted, system {probe.get('state')}")
+    if probe.get("state") == "maintenance" and not st.failed:
+        # emergency or rescue mode: nothing more will start on this node
+        st.failed = f"in emergency mode; {_failed_units_text(probe)}"
+        log.info("%s: %s", st.name, st.failed)
+    if "hostname" in probe and probe["hostname"] != st.name and "hostname" not in st.done:
+        st.done.add("hostname")
+        log.info("%s: reports hostname %r", st.name, probe.get("hostname"))
+    if str(st.node.ip) in probe.get("addr", "").replace("/", " ").split():
+        _milestone(r, st, "address", f"has address {st.node.ip}")
+    for u in role_units(st.node):
+        state = probe.get(f"unit.{u}", "")  # asked only while not yet up or failed
+        if state == "active":
+            _milestone(r, st, u, f"{u} up")
+        elif state == "failed":
+            _milestone(r, st, u + "-failed", f"{u} FAILED")
+    if "nfs" in probe.get("mount", ""):
+        _milestone(r, st, "mount", f"{r.cluster.shared.path} mounted")
+
+
 def wait_ready(r: Rehearsal) -> float | None:
     """Poll every node until the cluster is ready (every compute node idle in sinfo), every
     node is settled (ready or failed), or the time is up. Returns seconds to ready."""
@@ -89,32 +115,7 @@ def wait_ready(r: Rehearsal) -> float | None:
                 probe = _probe(r, st)
             except AgentTimeout:
                 continue
-            st.last = probe
-            if st.boot_s is None and probe.get("state") not in (
-                "",
-                "initializing",
-                "starting",
-                None,
-            ):
-                st.boot_s = time.monotonic() - st.started
-                _milestone(r, st, "booted", f"booted, system {probe.get('state')}")
-            if probe.get("state") == "maintenance" and not st.failed:
-                # emergency or rescue mode: nothing more will start on this node
-                st.failed = f"in emergency mode; {_failed_units_text(probe)}"
-                log.info("%s: %s", st.name, st.failed)
-            if "hostname" in probe and probe["hostname"] != st.name and "hostname" not in st.done:
-                st.done.add("hostname")
-                log.info("%s: reports hostname %r", st.name, probe.get("hostname"))
-            if str(st.node.ip) in probe.get("addr", "").replace("/", " ").split():
-                _milestone(r, st, "address", f"has address {st.node.ip}")
-            for u in role_units(st.node):
-                state = probe.get(f"unit.{u}", "")  # asked only while not yet up or failed
-                if state == "active":
-                    _milestone(r, st, u, f"{u} up")
-                elif state == "failed":
-                    _milestone(r, st, u + "-failed", f"{u} FAILED")
-            if "nfs" in probe.get("mount", ""):
-                _milestone(r, st, "mount", f"{r.cluster.shared.path} mounted")
+            _take(r, st, probe)
         head = r.states[r.head.hostname]
         idle = _idle_nodes(head.last.get("sinfo", ""))
         for n in r.compute:
@@ -168,23 +169,9 @@ def wait_node(r: Rehearsal, st: NodeState, timeout: float) -> bool:
         except AgentTimeout:
             time.sleep(3)
             continue
-        st.last = probe
-        if st.boot_s is None and probe.get("state") not in ("", "initializing", "starting", None):
-            st.boot_s = time.monotonic() - st.started
-            _milestone(r, st, "booted", f"booted, system {probe.get('state')}")
-        if probe.get("state") == "maintenance" and not st.failed:
-            st.failed = f"in emergency mode; {_failed_units_text(probe)}"
+        _take(r, st, probe)
+        if st.failed:
             return False
-        if str(st.node.ip) in probe.get("addr", "").replace("/", " ").split():
-            _milestone(r, st, "address", f"has address {st.node.ip}")
-        for u in role_units(st.node):
-            state = probe.get(f"unit.{u}", "")
-            if state == "active":
-                _milestone(r, st, u, f"{u} up")
-            elif state == "failed":
-                _milestone(r, st, u + "-failed", f"{u} FAILED")
-        if "nfs" in probe.get("mount", ""):
-            _milestone(r, st, "mount", f"{r.cluster.shared.path} mounted")
         if _complete(r, st):
             return True
         time.sleep(3)
