@@ -23,8 +23,6 @@ import base64
 import difflib
 import re
 import shlex
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,8 +216,7 @@ class Apply:
         return self.root.format(host=node.hostname)
 
     def _call(self, node: Node, script: str, timeout: float = 120) -> tuple[int, str]:
-        rc, out, _ = self.ssh.run(node, script, timeout)
-        return rc, out
+        return self.ssh.run(node, script, timeout)
 
     def compare(self) -> Outcome:
         want = wanted(self.cluster)
@@ -333,8 +330,7 @@ def apply(
     echo=print,
 ) -> Outcome:
     """Compare, show the diff, and (unless dry_run) write and reload; the outcome per node."""
-    workdir = Path(tempfile.mkdtemp(prefix="piimage-apply-"))
-    ssh = Ssh(cluster, workdir, identity=identity, user=user)
+    ssh = Ssh(cluster, identity=identity, user=user)
     try:
         job = Apply(cluster, nodes, ssh)
         outcome = job.compare()
@@ -347,4 +343,3 @@ def apply(
         return outcome
     finally:
         ssh.close()
-        shutil.rmtree(workdir, ignore_errors=True)

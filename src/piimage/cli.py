@@ -130,6 +130,23 @@ inventory_option = click.option(
 )
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list of node names (--nodes, --join); None when not given."""
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def ssh_options(fn):
+    """--identity and --user: how verify and apply log in to the nodes."""
+    fn = click.option(
+        "--user", default="", help="Log in as this user (default: the inventory's admin)."
+    )(fn)
+    return click.option(
+        "--identity",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Private key to log in as the admin with (default: ssh's own: agent, ~/.ssh/id_*).",
+    )(fn)
+
+
 def out_option(help: str):
     """--out, the folder whose <cluster>/ holds the images (build writes there, rehearse reads)."""
     return click.option(
@@ -307,7 +324,7 @@ def rehearse(inventory, out_dir, nodes, timeout, hold, join, as_json, verbose, q
 
     cluster = _load_cluster(inventory)
     if join:
-        wanted = [x.strip() for x in join.split(",") if x.strip()]
+        wanted = _names(join) or []
         inv.select_nodes(cluster, names=wanted, all_nodes=False)  # known nodes, or exit 2
         source = cluster.source or Path("cluster.yaml")
         answer = rh.join(cluster, wanted, out_dir=out_dir, inventory=source, timeout=timeout)
@@ -318,7 +335,7 @@ def rehearse(inventory, out_dir, nodes, timeout, hold, join, as_json, verbose, q
         if not all(a["ok"] for a in answer["nodes"].values()):
             raise rh.RehearsalFailed("a joining node did not come up")
         return
-    names = [x.strip() for x in nodes.split(",") if x.strip()] if nodes else None
+    names = _names(nodes)
     selected = inv.select_nodes(cluster, names=names, all_nodes=names is None)
     report = rh.rehearse(cluster, selected, out_dir=out_dir, timeout=timeout, hold=hold)
     if as_json:
@@ -341,12 +358,7 @@ def rehearse(inventory, out_dir, nodes, timeout, hold, join, as_json, verbose, q
 @click.option(
     "--nodes", help="Comma-separated nodes to check (default: every node); must include the head."
 )
-@click.option(
-    "--identity",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Private key to log in as the admin with (default: ssh's own: agent, ~/.ssh/id_*).",
-)
-@click.option("--user", default="", help="Log in as this user (default: the inventory's admin).")
+@ssh_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @common_options
 @handle_errors
@@ -359,7 +371,7 @@ def verify(inventory, out_dir, nodes, identity, user, as_json, verbose, quiet):
     from . import verify as vf
 
     cluster = _load_cluster(inventory)
-    names = [x.strip() for x in nodes.split(",") if x.strip()] if nodes else None
+    names = _names(nodes)
     selected = inv.select_nodes(cluster, names=names, all_nodes=names is None)
     report = vf.verify(cluster, selected, out_dir=out_dir, identity=identity, user=user)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.text())
@@ -371,12 +383,7 @@ def verify(inventory, out_dir, nodes, identity, user, as_json, verbose, quiet):
 @inventory_option
 @click.option("--nodes", help="Comma-separated nodes to bring up to date (default: every node).")
 @click.option("--dry-run", is_flag=True, help="Only show what would change; change nothing.")
-@click.option(
-    "--identity",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Private key to log in as the admin with (default: ssh's own: agent, ~/.ssh/id_*).",
-)
-@click.option("--user", default="", help="Log in as this user (default: the inventory's admin).")
+@ssh_options
 @common_options
 @handle_errors
 def apply_cmd(inventory, nodes, dry_run, identity, user, verbose, quiet):
@@ -387,10 +394,8 @@ def apply_cmd(inventory, nodes, dry_run, identity, user, verbose, quiet):
     from . import inventory as inv
 
     cluster = _load_cluster(inventory)
-    names = [x.strip() for x in nodes.split(",") if x.strip()] if nodes else None
+    names = _names(nodes)
     selected = inv.select_nodes(cluster, names=names, all_nodes=names is None)
-    if identity is not None and not identity.is_file():
-        raise UserError(f"--identity {identity}: no such file")
     outcome = ap.apply(
         cluster, selected, dry_run=dry_run, identity=identity, user=user, echo=click.echo
     )

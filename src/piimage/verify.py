@@ -97,12 +97,20 @@ class Ssh:
     """checks.Call over SSH: one master connection per node (ControlMaster), kept for the run."""
 
     def __init__(
-        self, cluster: Cluster, workdir: Path, identity: Path | None = None, user: str = ""
+        self,
+        cluster: Cluster,
+        workdir: Path | None = None,
+        identity: Path | None = None,
+        user: str = "",
     ):
         self.cluster = cluster
         self.user = user or cluster.admin.name
-        self.workdir = workdir
-        self.known_hosts = workdir / "known_hosts"
+        if identity is not None and not identity.is_file():
+            raise UserError(f"--identity {identity}: no such file")
+        # known hosts and master sockets: in a folder of its own unless given one, removed by close()
+        self._own = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="piimage-ssh-"))
+        self.known_hosts = self.workdir / "known_hosts"
         lines = [line for n in cluster.nodes if (line := host_key_line(cluster, n))]
         write_atomic(self.known_hosts, "".join(f"{line}\n" for line in lines), mode=0o600)
         self.identity = identity
@@ -138,8 +146,8 @@ class Ssh:
             opts += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
         return ["ssh", *opts, f"{self.user}@{node.ip}", remote]
 
-    def run(self, node: Node, script: str, timeout: float) -> tuple[int, str, str]:
-        """(exit code, stdout+stderr of the script, ssh's own stderr when ssh itself failed)."""
+    def run(self, node: Node, script: str, timeout: float) -> tuple[int, str]:
+        """(exit code, the script's output); 255 and why when ssh itself failed."""
         remote = "sudo -n bash -s 2>&1"
         try:
             p = subprocess.run(
@@ -150,21 +158,21 @@ class Ssh:
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            return 255, f"{node.hostname}: no answer within {timeout:.0f} s", ""
+            return 255, f"{node.hostname}: no answer within {timeout:.0f} s"
         out = p.stdout.decode(errors="replace")
         err = p.stderr.decode(errors="replace")
         if p.returncode == 255:
-            return 255, f"{node.hostname}: {ssh_reason(err)}", err
+            return 255, f"{node.hostname}: {ssh_reason(err)}"
         if p.returncode == 1 and "sudo:" in err + out[:200] and "password" in err + out[:200]:
-            return 255, f"{node.hostname}: {ssh_reason('sudo: a password is required')}", err
-        return p.returncode, out, ""
+            return 255, f"{node.hostname}: {ssh_reason('sudo: a password is required')}"
+        return p.returncode, out
 
     def __call__(
         self, st: ck.Target, script: str, timeout: float = 300, *, diagnose: bool = False
     ) -> tuple[int, str]:
         if st.failed and not diagnose:
             return 255, st.failed
-        rc, out, sshed = self.run(st.node, script, timeout)
+        rc, out = self.run(st.node, script, timeout)
         if diagnose and rc == 255:
             raise ck.Unreachable(out)
         return rc, out
@@ -184,6 +192,8 @@ class Ssh:
                 timeout=10,
                 check=False,
             )
+        if self._own:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 FIRST_CONTACT = "cat /proc/uptime; systemctl is-system-running; uname -r"
@@ -192,7 +202,7 @@ FIRST_CONTACT = "cat /proc/uptime; systemctl is-system-running; uname -r"
 def first_contact(call: Ssh, st: SshNode) -> str:
     """Reach the node once: its uptime (the boot line), system state and kernel; a node that
     does not answer gets `failed` with ssh's reason. Returns its kernel ('' if unknown)."""
-    rc, text, _ = call.run(st.node, FIRST_CONTACT, 30)
+    rc, text = call.run(st.node, FIRST_CONTACT, 30)
     if rc == 255:
         st.failed = text
         return ""
@@ -327,8 +337,6 @@ def verify(
             "verify needs the head node among --nodes",
             hint=f"add {cluster.head.hostname if cluster.head else 'the head'} to --nodes",
         )
-    if identity is not None and not identity.is_file():
-        raise UserError(f"--identity {identity}: no such file")
     missing = [n.hostname for n in nodes if host_key_line(cluster, n) is None]
     if missing:
         raise UserError(
@@ -337,9 +345,8 @@ def verify(
             "where the images were built (the same secrets_dir)",
         )
     logs = out_dir.absolute() / cluster.name / "verify"
-    workdir = Path(tempfile.mkdtemp(prefix="piimage-verify-"))
     report = Report(cluster.name, [n.hostname for n in nodes], "", logs=str(logs), kind="verify")
-    call = Ssh(cluster, workdir, identity=identity, user=user)
+    call = Ssh(cluster, identity=identity, user=user)
     try:
         states = [
             SshNode(
@@ -374,7 +381,6 @@ def verify(
         report.checks = ck.run_checks(ctx, registry())
     finally:
         call.close()
-        shutil.rmtree(workdir, ignore_errors=True)
     logs.mkdir(parents=True, exist_ok=True)
     write_atomic(logs / "report.json", json.dumps(report.to_json(), indent=2) + "\n")
     return report

@@ -193,6 +193,7 @@ def test_known_hosts_come_from_the_secrets_never_the_users_own(tmp_path, fake_ss
     assert "GlobalKnownHostsFile=/dev/null" in joined and "HostKeyAlias=node01" in joined
     assert cmd[-2:] == ["admin@10.0.0.11", "true"]
     ident = tmp_path / "id"
+    ident.write_text("a private key\n")
     assert ["-i", str(ident)] == vf.Ssh(cluster, work, identity=ident).command(
         cluster.nodes[0], "x"
     )[-6:-4]
@@ -211,12 +212,12 @@ def test_the_script_goes_over_stdin_and_failures_become_255_with_a_reason(tmp_pa
     work.mkdir()
     ssh = vf.Ssh(cluster, work)
     a, down, reimaged, nosudo = cluster.nodes
-    assert ssh.run(a, "echo out; echo err >&2; exit 3", 30)[:2] == (3, "out\nerr\n")
-    rc, out, _ = ssh.run(down, "true", 30)
+    assert ssh.run(a, "echo out; echo err >&2; exit 3", 30) == (3, "out\nerr\n")
+    rc, out = ssh.run(down, "true", 30)
     assert rc == 255 and out == "down: it does not answer over SSH (timed out)"
-    rc, out, _ = ssh.run(reimaged, "true", 30)
+    rc, out = ssh.run(reimaged, "true", 30)
     assert rc == 255 and "reimaged: its SSH host key is not the one piimage made" in out
-    rc, out, _ = ssh.run(nosudo, "true", 30)
+    rc, out = ssh.run(nosudo, "true", 30)
     assert rc == 255 and out == "nosudo: sudo asks the admin for a password"
     st = vf.SshNode(down, tmp_path / "x.img", tmp_path / "x.log")
     with pytest.raises(ck.Unreachable):

@@ -98,22 +98,27 @@ class Rehearsal:
         self.logs.mkdir(parents=True, exist_ok=True)
         want = vm.memory_mb(self.nodes)
         for n in self.nodes:
-            img = (self.images / f"{n.hostname}.img").resolve()
-            ov = run_dir / f"{n.hostname}.qcow2"
-            overlay.create(img, ov, n.hostname)
-            console = self.logs / f"{n.hostname}.console.log"
-            console.unlink(missing_ok=True)
-            self.states[n.hostname] = NodeState(
-                n,
-                img,
-                ov,
-                console,
-                Agent(run_dir / f"{n.hostname}.agent"),
-                want[n.hostname],
-                index=len(self.states) + 1,
-            )
+            self.states[n.hostname] = self._new_state(n, want[n.hostname])
         self.suite = overlay.install(self.states.values())
         self.kernel = guest_kernel(self.suite)
+
+    def _new_state(self, n: Node, memory_mb: int) -> NodeState:
+        """A node's overlay of its image, its console log started afresh, its agent's socket;
+        next on the virtual network."""
+        img = (self.images / f"{n.hostname}.img").resolve()
+        ov = self.run_dir / f"{n.hostname}.qcow2"
+        overlay.create(img, ov, n.hostname)
+        console = self.logs / f"{n.hostname}.console.log"
+        console.unlink(missing_ok=True)
+        return NodeState(
+            n,
+            img,
+            ov,
+            console,
+            Agent(self.run_dir / f"{n.hostname}.agent"),
+            memory_mb,
+            index=len(self.states) + 1,
+        )
 
     def join(self, cluster: Cluster, node: Node, timeout: float) -> tuple[bool, str]:
         """Boot `node` (in `cluster`, the inventory as it is now) into the running cluster, as a
@@ -127,21 +132,10 @@ class Rehearsal:
                 f"no built image for {node.hostname} in {self.images}/",
                 hint=f"build it first: piimage build --hostname {node.hostname}",
             )
-        ov = self.run_dir / f"{node.hostname}.qcow2"
-        overlay.create(img.resolve(), ov, node.hostname)
-        st = NodeState(
-            node,
-            img.resolve(),
-            ov,
-            self.logs / f"{node.hostname}.console.log",
-            Agent(self.run_dir / f"{node.hostname}.agent"),
-            vm.memory_mb((node,))[node.hostname],
-            index=len(self.states) + 1,
-        )
-        st.console.unlink(missing_ok=True)
+        st = self._new_state(node, vm.memory_mb((node,))[node.hostname])
         suite = overlay.install([st])
         if suite != self.suite:
-            ov.unlink(missing_ok=True)
+            st.overlay.unlink(missing_ok=True)
             raise UserError(f"{node.hostname}'s image is {suite}, the cluster runs {self.suite}")
         self.states[node.hostname] = st
         self.cluster = cluster
