@@ -21,6 +21,10 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("time of the expensive phases")
         for line in phases.summary():
             terminalreporter.write_line(line)
+    if phases.DISK:
+        terminalreporter.section("disk space")
+        for line in phases.disk_lines():
+            terminalreporter.write_line(line)
 
 
 class _LaneReports:
@@ -32,7 +36,8 @@ class _LaneReports:
 
     @pytest.hookimpl
     def pytest_testnodedown(self, node, error):
-        phases.merge(getattr(node, "workeroutput", {}).get("piimage_phases", ()), node.gateway.id)
+        out = getattr(node, "workeroutput", {})
+        phases.merge(out.get("piimage_phases", ()), node.gateway.id, out.get("piimage_disk"))
 
     @pytest.hookimpl
     def pytest_xdist_node_collection_finished(self, node, ids):
@@ -88,10 +93,62 @@ def _trim_layer_cache() -> None:
         print(f"tests: trimmed the layer cache {layers}: {len(gone)} old layers, {freed:.1f} GiB")
 
 
+def _mount_points() -> list[Path]:
+    """Every mount point on the machine (octal escapes in /proc/self/mountinfo decoded)."""
+    import re
+
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        field = line.split()[4]
+        out.append(Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)))
+    return out
+
+
+def _remove_earlier_runs(config) -> None:
+    """Earlier runs' temporary folders (/tmp/pytest-of-<user>/pytest-<N>, tens of GB when a
+    run failed or was killed) that no running pytest holds: pytest removes the ones past
+    tmp_path_retention_count only when a session ends, so the last run's stay on the disk for
+    the whole of this one (stop 23's CI run, pytest-1, filled its disk in the bookworm
+    rehearsal). A folder is held while its .lock names a live process."""
+    import os
+    import shutil
+
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None or factory._given_basetemp is not None:
+        return  # --basetemp: the user's folder, not pytest's numbered ones
+    current = factory.getbasetemp()
+    for old in current.parent.glob("pytest-[0-9]*"):
+        if old == current or old.is_symlink() or not old.is_dir():
+            continue
+        try:
+            pid = int((old / ".lock").read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid:
+            try:
+                os.kill(pid, 0)
+                continue  # a pytest still running there
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        mounted = [m for m in _mount_points() if m == old or old in m.parents]
+        if mounted:  # a killed run's chroot binds (/dev, /proc) must not be emptied
+            print(f"tests: kept an earlier run's {old}: {mounted[0]} is mounted there")
+            continue
+        size = sum(
+            f.stat().st_blocks * 512 for f in old.rglob("*") if f.is_file() and not f.is_symlink()
+        )
+        shutil.rmtree(old, ignore_errors=True)
+        print(f"tests: removed an earlier run's {old} ({size / 2**30:.1f} GiB)")
+
+
 def pytest_sessionstart(session):
-    """The controller (or the one process without xdist) trims the layer cache before any
-    test: a worker must not, it would race the other worker's builds."""
+    """The controller (or the one process without xdist) trims the layer cache and removes
+    earlier runs' temporary folders before any test: a worker must not, it would race the
+    other worker's builds."""
     if not hasattr(session.config, "workerinput"):
+        _remove_earlier_runs(session.config)
         _trim_layer_cache()
 
 

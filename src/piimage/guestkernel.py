@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError
-from .fsutil import write_atomic
+from .fsutil import blame_a_full_disk, ensure_space, write_atomic
 from .log import log
 from .piboot import INITRAMFS_SCRIPT
 from .run import require_tools, run
@@ -46,6 +46,9 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4", "vfat")
 INITRD_OPTIONAL_MODULES = ("nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1")
 FORMAT = 2  # bump when the cached layout changes
+# The room making a kernel takes at its peak: the .debs, their unpacked tree and the modules
+# disk (bookworm's 6.1.0-50: ~70 MB, ~450 MB and 293 MB written, 2026-12-06), with a margin.
+KERNEL_ROOM = 3 << 29
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,12 @@ def guest_kernel(suite: str, *, mirror: str | None = None) -> GuestKernel:
             hint="sudo apt-get install debian-archive-keyring",
         )
     root.parent.mkdir(parents=True, exist_ok=True)
+    ensure_space(root.parent, KERNEL_ROOM, "making the rehearsal kernel")
     work = Path(tempfile.mkdtemp(prefix=f".kernel-{suite}-", dir=root.parent))
     try:
-        version = _make(work, suite, mirror or debian_mirror())
+        # a full disk is named as such (mkfs.ext4 -d says only "No space left on device")
+        with blame_a_full_disk(root.parent, KERNEL_ROOM, "making the rehearsal kernel"):
+            version = _make(work, suite, mirror or debian_mirror())
         write_atomic(
             work / "kernel.json",
             json.dumps({"format": FORMAT, "suite": suite, "version": version}) + "\n",

@@ -55,6 +55,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -282,6 +283,7 @@ def standin(standin_server, request, tmp_path_factory):
 def _standins_from_the_start(standin):
     """The stand-ins start building with the first integration test, whatever it needs (the
     Docker tests, which run first, need the bookworm one only at their last step)."""
+    phases.sample_disk("the start", _DISK_PATHS)
     standin.start()
 
 
@@ -348,6 +350,7 @@ def pytest_sessionfinish(session):
     out = getattr(session.config, "workeroutput", None)
     if out is not None:
         out["piimage_phases"] = phases.export()
+        out["piimage_disk"] = phases.export_disk()
 
 
 def _release(item) -> str | None:
@@ -370,6 +373,16 @@ def pytest_runtest_setup(item):
     rehearsal = item.path.name == "test_rehearse.py"
     nice = 0 if rehearsal else NICE.get(_release(item) or "bookworm", 0)
     os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """After each integration test: the free space where the suite writes (phases.DISK)."""
+    if nodeid.startswith("tests/integration/"):
+        phases.sample_disk(nodeid.split("::", 1)[-1], _DISK_PATHS)
+
+
+# where the suite writes: its temporary folders and the caches it keeps (one filesystem here)
+_DISK_PATHS = (tempfile.gettempdir(), str(PERSISTENT_CACHE))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -32,6 +32,40 @@ def timed(name: str) -> Iterator[None]:
         record(name, time.monotonic() - t0, t0)
 
 
+# The disk: the least free space seen on the filesystems the suite writes to (its temporary
+# folders, the kept caches), sampled after each integration test: one CI run filled its disk
+# in the bookworm rehearsal (mkfs.ext4 of the modules disk: "No space left on device"), and a
+# figure in every run says how close the next one comes.
+# path -> (free bytes at the start, least free bytes, the test after which it was least)
+DISK: dict[str, tuple[int, int, str]] = {}
+
+
+def sample_disk(after: str, paths) -> None:
+    import shutil
+
+    with _lock:
+        for p in paths:
+            try:
+                free = shutil.disk_usage(p).free
+            except OSError:
+                continue
+            key = str(p)
+            start, least, when = DISK.get(key, (free, free, "the start"))
+            if free < least:
+                least, when = free, after
+            DISK[key] = (start, least, when)
+
+
+def disk_lines() -> list[str]:
+    with _lock:
+        rows = sorted(DISK.items())
+    return [
+        f"{path}: {start / 2**30:.1f} GiB free at the start, least {least / 2**30:.1f} GiB "
+        f"(after {when}), so this run used at most {(start - least) / 2**30:.1f} GiB there"
+        for path, (start, least, when) in rows
+    ]
+
+
 _LAYER_BUILT = re.compile(r"role layer (\S+): built in (\d+) s")
 
 
@@ -52,12 +86,25 @@ def export() -> list[tuple[str, float, float | None]]:
     return [*rows, ("wall time of this worker", time.monotonic() - STARTED, 0.0)]
 
 
-def merge(rows, worker: str) -> None:
+def export_disk() -> dict[str, list]:
+    with _lock:
+        return {k: list(v) for k, v in DISK.items()}
+
+
+def merge(rows, worker: str, disk=None) -> None:
     """A worker's phases (from export()), each name marked with the worker (a worker starts
-    within a second or two of the controller, so its start times are kept as they are)."""
+    within a second or two of the controller, so its start times are kept as they are), and
+    its disk samples (export_disk(); both workers see the same filesystems, so the least free
+    of the two is the run's)."""
     with _lock:
         for name, secs, start in rows:
             PHASES.append((f"[{worker}] {name}", float(secs), start))
+        for path, (start, least, when) in (disk or {}).items():
+            s0, l0, w0 = DISK.get(path, (start, least, when))
+            DISK[path] = (
+                max(s0, start),
+                *((least, f"[{worker}] {when}") if least <= l0 else (l0, w0)),
+            )
 
 
 def summary() -> list[str]:
