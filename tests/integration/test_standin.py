@@ -452,6 +452,15 @@ def test_services_and_clock(rootfs, suite):
         conf = rootfs.cat("/usr/lib/systemd/timesyncd.conf.d/40-rpi-sync.conf").split()
         assert conf == ["[Time]", "SaveIntervalSec=5m"]
         assert not rootfs.exists("/etc/fake-hwclock.data")
+        # rpi-swap, not dphys-swapfile: its generator over Debian's zram-generator, whose own
+        # default zram0 its vendor drop-in turns off; /var/swap is made on the card at boot
+        assert rootfs.mode("/usr/lib/systemd/system-generators/rpi-swap-generator") == 0o755
+        assert rootfs.mode("/usr/lib/systemd/system-generators/zram-generator") == 0o755
+        ctrl = "/usr/lib/systemd/zram-generator.conf.d/20-rpi-swap-zram0-ctrl.conf"
+        assert rootfs.cat(ctrl).split() == ["[zram0]", "host-memory-limit=0", "fs-type=none"]
+        for unit in ("rpi-resize-swap-file.service", "rpi-setup-loop@.service"):
+            assert rootfs.exists(f"/usr/lib/systemd/system/{unit}"), unit
+        assert not rootfs.exists("/etc/dphys-swapfile") and not rootfs.exists("/var/swap")
 
 
 def test_cloud_init_as_raspberry_pi_configures_it(rootfs, raw, table, suite):
