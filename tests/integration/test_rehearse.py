@@ -260,6 +260,37 @@ def _verify_held(good_dir: Path, mixed: Path, env, verified: dict) -> None:
                 laptop + args, env=env, cwd=grown, capture_output=True, text=True, timeout=1800
             )
             record(f"piimage {name} over SSH (held trixie rehearsal)", time.monotonic() - t1, t1)
+        verified["report.json"] = (mixed / "verify" / "report.json").read_text()
+        # munge stopped on node04 (drained first, so that no job is sent to a node that cannot
+        # take it): verify fails and names the node and the check
+        ssh = ["ip", "netns", "exec", info["netns"], "ssh", "-i", key[1], "-o", "BatchMode=yes"]
+        ssh += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+        for name, host, command in (
+            (
+                "drain node04",
+                "10.0.0.10",
+                "scontrol update nodename=node04 state=drain reason=test",
+            ),
+            ("stop munge", "10.0.0.14", "systemctl stop munge"),
+        ):
+            verified[name] = subprocess.run(
+                [*ssh, f"alice@{host}", f"sudo -n {command}"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        t1 = time.monotonic()
+        verified["verify, munge stopped"] = subprocess.run(
+            laptop
+            + ["verify", "--json", *inv, "--nodes", "head,node04", "--out", str(mixed.parent)]
+            + key,
+            env=env,
+            cwd=grown,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        record("piimage verify, munge stopped on node04", time.monotonic() - t1, t1)
         verified["overlays after"] = {p.name: _inode(p) for p in run_dir.glob("*.qcow2")}
         record(
             "day two on the held trixie rehearsal: grow, apply, verify", time.monotonic() - t0, t0
@@ -564,7 +595,15 @@ def test_day_two_grow_the_held_cluster_apply_and_verify_over_ssh(rehearsal):
         for name in ("hardware", "card", "hostkey", "ssh", "munge", "shared"):
             assert checks[(name, node)]["ok"], checks[(name, node)]
     assert checks[("boot", "node04")]["summary"].startswith("up "), checks[("boot", "node04")]
-    assert json.loads((mixed / "verify" / "report.json").read_text()) == report
+    assert json.loads(verified["report.json"]) == report
+    # with munge stopped on node04, verify fails and says where and what
+    for name in ("drain node04", "stop munge"):
+        assert verified[name].returncode == 0, out(name)
+    stopped = verified["verify, munge stopped"]
+    assert stopped.returncode == 1, out("verify, munge stopped")
+    assert "node04 munge" in stopped.stderr, out("verify, munge stopped")
+    stopped_checks = {(c["name"], c["node"]): c for c in json.loads(stopped.stdout)["checks"]}
+    assert not stopped_checks[("munge", "node04")]["ok"], stopped_checks[("munge", "node04")]
     # nothing of the running nodes was rebuilt or re-flashed
     assert after == before
     kept = {n: v for n, v in verified["overlays after"].items() if n in verified["overlays"]}
