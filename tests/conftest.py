@@ -93,17 +93,6 @@ def _trim_layer_cache() -> None:
         print(f"tests: trimmed the layer cache {layers}: {len(gone)} old layers, {freed:.1f} GiB")
 
 
-def _mount_points() -> list[Path]:
-    """Every mount point on the machine (octal escapes in /proc/self/mountinfo decoded)."""
-    import re
-
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        field = line.split()[4]
-        out.append(Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)))
-    return out
-
-
 def _remove_earlier_runs(config) -> None:
     """Earlier runs' temporary folders (/tmp/pytest-of-<user>/pytest-<N>, tens of GB when a
     run failed or was killed) that no running pytest holds: pytest removes the ones past
@@ -112,6 +101,8 @@ def _remove_earlier_runs(config) -> None:
     rehearsal). A folder is held while its .lock names a live process."""
     import os
     import shutil
+
+    from piimage.emulate import mounts_under
 
     factory = getattr(config, "_tmp_path_factory", None)
     if factory is None or factory._given_basetemp is not None:
@@ -132,7 +123,7 @@ def _remove_earlier_runs(config) -> None:
                 pass
             except PermissionError:
                 continue
-        mounted = [m for m in _mount_points() if m == old or old in m.parents]
+        mounted = mounts_under(old)
         if mounted:  # a killed run's chroot binds (/dev, /proc) must not be emptied
             print(f"tests: kept an earlier run's {old}: {mounted[0]} is mounted there")
             continue

@@ -41,14 +41,19 @@ DISK: dict[str, tuple[int, int, str]] = {}
 
 
 def sample_disk(after: str, paths) -> None:
+    import os
     import shutil
 
     with _lock:
+        seen = set()
         for p in paths:
             try:
-                free = shutil.disk_usage(p).free
+                dev, free = os.stat(p).st_dev, shutil.disk_usage(p).free
             except OSError:
                 continue
+            if dev in seen:  # another of the paths is on the same filesystem
+                continue
+            seen.add(dev)
             key = str(p)
             start, least, when = DISK.get(key, (free, free, "the start"))
             if free < least:
@@ -101,10 +106,9 @@ def merge(rows, worker: str, disk=None) -> None:
             PHASES.append((f"[{worker}] {name}", float(secs), start))
         for path, (start, least, when) in (disk or {}).items():
             s0, l0, w0 = DISK.get(path, (start, least, when))
-            DISK[path] = (
-                max(s0, start),
-                *((least, f"[{worker}] {when}") if least <= l0 else (l0, w0)),
-            )
+            if least <= l0:
+                l0, w0 = least, f"[{worker}] {when}"
+            DISK[path] = (max(s0, start), l0, w0)
 
 
 def summary() -> list[str]:
