@@ -18,10 +18,13 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import stat
 import subprocess
+import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,22 +225,114 @@ def _ranges(bmap: BlockMap) -> Iterable[tuple[int, int, str | None]]:
         yield start, end, digest
 
 
-def _copy_range(src, fd: int, start: int, end: int, on_bytes) -> str:
-    h = hashlib.sha256()
-    off = start
-    while off < end:
-        src.seek(off)
-        data = src.read(min(CHUNK, end - off))
-        if not data:
-            raise BuildError(f"the image ends at {off}, before its block map does")
-        h.update(data)
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, off)
-            view = view[n:]
-            off += n
-            on_bytes(n)
-    return h.hexdigest()
+QUEUE_CHUNKS = 8  # chunks read ahead of the writer: 32 MiB in memory at most
+
+
+def _read_ahead(image: Path, bmap: BlockMap, q: queue.Queue, stop: threading.Event) -> None:
+    """The reader of the write: every mapped chunk of the image in order, hashed per range as
+    it is read, put on `q` as ("data", offset, bytes), each range closed by ("range", start,
+    end, sha256 of what was read, the map's sha256); then ("end",). An error is put on `q` as
+    ("error", exception). Reading and hashing (hashlib and read() release the GIL) go on here
+    while the writer's pwrite waits for the card, so hashing costs the write no time."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        with open(image, "rb", buffering=0) as src:
+            for start, end, digest in _ranges(bmap):
+                h = hashlib.sha256()
+                off = start
+                while off < end:
+                    data = os.pread(src.fileno(), min(CHUNK, end - off), off)
+                    if not data:
+                        raise BuildError(f"the image ends at {off}, before its block map does")
+                    h.update(data)
+                    if not put(("data", off, data)):
+                        return
+                    off += len(data)
+                if not put(("range", start, end, h.hexdigest(), digest)):
+                    return
+        put(("end",))
+    except BaseException as e:  # handed to the writer, which raises it
+        put(("error", e))
+
+
+def _write_mapped(
+    image: Path, bmap: BlockMap, fd: int, on_bytes, cancelled: Callable[[], bool]
+) -> None:
+    """Every mapped range of `image` onto `fd`, checked against the map as it is read; the
+    reading and hashing run in a thread of their own, ahead of the writes."""
+    q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+    stop = threading.Event()
+    reader = threading.Thread(
+        target=_read_ahead, args=(image, bmap, q, stop), name="flash-read", daemon=True
+    )
+    reader.start()
+    try:
+        while True:
+            item = q.get()
+            kind = item[0]
+            if kind == "data":
+                _, off, data = item
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, off)
+                    view = view[n:]
+                    off += n
+                    on_bytes(n)
+            elif kind == "range":
+                _, start, end, got, digest = item
+                if digest and bmap.checksum and got != digest:
+                    raise BuildError(
+                        f"{image}: bytes {start}-{end} do not match its .bmap: the image or "
+                        "the map is damaged (rebuild it)"
+                    )
+                if cancelled():
+                    raise KeyboardInterrupt
+            elif kind == "error":
+                raise item[1]
+            else:
+                return
+    finally:
+        stop.set()
+        reader.join()
+
+
+@contextmanager
+def _dirty_limit(device: str) -> Iterator[None]:
+    """While a card is written, the kernel may keep only a small share of its dirty-page
+    allowance for it (the device's bdi `max_ratio`, 1 %): writeback to the card starts at
+    once and goes on while the image is read, instead of the whole image piling up in memory
+    (a fifth of RAM by default) and being written only by the final fsync. The old value is
+    put back. A file or a device without that knob is written as it is."""
+    try:
+        st = os.stat(device)
+    except OSError:
+        st = None
+    knob = None
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        knob = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/bdi/max_ratio")
+    try:
+        old = knob.read_text().strip() if knob else None
+        if knob and old is not None:
+            knob.write_text("1")
+    except OSError:
+        old = None
+    try:
+        yield
+    finally:
+        if knob and old is not None:
+            try:
+                knob.write_text(old)
+            except OSError:
+                pass
 
 
 def _read_range(fd: int, start: int, end: int, on_bytes) -> str:
@@ -292,17 +387,12 @@ def write_and_verify(
         raise BuildError(f"{device}: cannot open it for writing: {e.strerror}") from None
     try:
         t0 = time.monotonic()
-        with open(image, "rb") as src, progress(f"writing {image.name} to {device}", total) as p:
-            for start, end, digest in _ranges(bmap):
-                got = _copy_range(src, fd, start, end, p.update)
-                if digest and bmap.checksum and got != digest:
-                    raise BuildError(
-                        f"{image}: bytes {start}-{end} do not match its .bmap: the image or "
-                        "the map is damaged (rebuild it)"
-                    )
-                if cancelled():
-                    raise KeyboardInterrupt
-        _drop_cache(fd)
+        with (
+            _dirty_limit(device),
+            progress(f"writing {image.name} to {device}", total) as p,
+        ):
+            _write_mapped(image, bmap, fd, p.update, cancelled)
+            _drop_cache(fd)
         t1 = time.monotonic()
         with open(image, "rb") as src, progress(f"reading {device} back", total) as p:
             for start, end, digest in _ranges(bmap):

@@ -167,3 +167,55 @@ def test_a_write_reads_every_range_back(tmp_path):
     out = card.read_bytes()
     assert figures["bytes"] == 4096 and out[8192:12288] == data[8192:]
     assert out[:8192] == b"\xff" * 8192  # unmapped blocks are not written
+
+
+def test_many_chunks_and_ranges_are_written_in_place(tmp_path, monkeypatch):
+    """The reader thread runs ahead of the writer by a few chunks: with chunks smaller than
+    the ranges and more chunks than the queue holds, every mapped byte lands where it
+    belongs and nothing else is touched."""
+    import hashlib
+    import os
+
+    monkeypatch.setattr(flash, "CHUNK", 4096)
+    monkeypatch.setattr(flash, "QUEUE_CHUNKS", 2)
+    data = os.urandom(64 * 4096)
+    image = tmp_path / "n.img"
+    image.write_bytes(data)
+    card = tmp_path / "card"
+    card.write_bytes(b"\xee" * len(data))
+    spans = ((0, 9), (20, 20), (30, 63))
+    ranges = tuple(
+        (a, b, hashlib.sha256(data[a * 4096 : (b + 1) * 4096]).hexdigest()) for a, b in spans
+    )
+    figures = flash.write_and_verify(
+        image, flash.BlockMap(4096, len(data), ranges, "sha256"), str(card)
+    )
+    out = card.read_bytes()
+    assert figures["bytes"] == (10 + 1 + 34) * 4096
+    for a, b in spans:
+        assert out[a * 4096 : (b + 1) * 4096] == data[a * 4096 : (b + 1) * 4096]
+    assert out[10 * 4096 : 20 * 4096] == b"\xee" * 10 * 4096
+
+
+def test_an_image_shorter_than_its_map_stops_the_write(tmp_path):
+    """What the reader thread finds (here: the image ends before the map does) stops the
+    write with its own message, and the card is left unbootable."""
+    image = tmp_path / "n.img"
+    image.write_bytes(b"\x01" * 4096)
+    card = tmp_path / "card"
+    card.write_bytes(b"\x02" * (2 << 20))
+    bmap = flash.BlockMap(4096, 16384, ((0, 3, None),), "")
+    with pytest.raises(Exception, match="the image ends at 4096"):
+        flash.write_and_verify(image, bmap, str(card))
+    assert card.read_bytes()[: 1 << 20] == bytes(1 << 20)
+
+
+def test_a_cancelled_write_is_an_interrupt(tmp_path):
+    image = tmp_path / "n.img"
+    image.write_bytes(b"\x01" * 8192)
+    card = tmp_path / "card"
+    card.write_bytes(b"\x02" * (2 << 20))
+    bmap = flash.BlockMap(4096, 8192, ((0, 0, None), (1, 1, None)), "")
+    with pytest.raises(KeyboardInterrupt):
+        flash.write_and_verify(image, bmap, str(card), cancelled=lambda: True)
+    assert card.read_bytes()[: 1 << 20] == bytes(1 << 20)
