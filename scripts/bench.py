@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--flash", type=Path, metavar="IMAGE",
                     help="instead: time `piimage flash` of IMAGE (with its .bmap) onto a loop "
                          "device against `bmaptool copy` and `dd` onto the same kind of device")
+    ap.add_argument("--repeat", type=int, default=5, metavar="N",
+                    help="with --flash: rounds of the three writes (default 5)")
     ap.add_argument("--north-star", type=int, metavar="N", nargs="?", const=8, default=0,
                     help="instead: the whole path a user takes, timed in parts: piimage init, "
                          "the inventory edited to head + N compute nodes (8), build --all with the "
@@ -71,7 +73,7 @@ def main() -> None:
     if a.rehearse:
         return bench_rehearse(a)
     if a.flash:
-        return bench_flash(a.flash)
+        return bench_flash(a.flash, a.repeat)
     with scratch_dir("piimage-bench-", a.keep) as scratch:
         base = standin_base(a.suite, scratch)
         env = dict(os.environ, PIIMAGE_CACHE=str(scratch / "cache"))  # fresh: layers are built cold
@@ -262,15 +264,20 @@ def bench_north_star(a) -> None:
         print(f"logs with the second of each line: {scratch}/build.log, {scratch}/rehearse.log")
 
 
-def bench_flash(image: Path) -> None:
+def bench_flash(image: Path, repeat: int) -> None:
     """piimage flash against bmaptool copy and dd, each onto its own fresh loop device over a
-    sparse file with direct I/O (writes reach the file as a card's reach the card)."""
+    sparse file with direct I/O (writes reach the file as a card's reach the card), `repeat`
+    rounds with the order turned each round (a loop device's figures vary by a third from one
+    write to the next: one round says little); min and median of each, and the ratios."""
+    import statistics
+
     scratch = Path(tempfile.mkdtemp(prefix="piimage-bench-flash-"))
     size = image.stat().st_size
     devs = []
 
     def card(name: str) -> str:
         f = scratch / name
+        f.unlink(missing_ok=True)
         with open(f, "wb") as fh:
             fh.truncate(size + (64 << 20))
         dev = sh(["losetup", "--find", "--show", "--direct-io=on", str(f)]).stdout.strip()
@@ -284,23 +291,47 @@ def bench_flash(image: Path) -> None:
             sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
         return time.monotonic() - t0, r.stdout
 
-    try:
-        sh(["sync"])
-        t_pi, out = run_timed([sys.executable, "-m", "piimage.cli", "flash", str(image),
-                               card("piimage"), "--yes", "--allow-fixed"])
+    def piimage() -> None:
+        t, out = run_timed([sys.executable, "-m", "piimage.cli", "flash", str(image),
+                            card("piimage"), "--yes", "--allow-fixed"])
         m = re.search(r"written in ([\d.]+) s, read back and checked in ([\d.]+) s", out)
         w, v = (float(m.group(1)), float(m.group(2))) if m else (float("nan"),) * 2
-        t_bmap, _ = run_timed(["bmaptool", "copy", "--bmap", f"{image}.bmap", str(image),
-                               card("bmaptool")])
-        t_dd, _ = run_timed(["dd", f"if={image}", f"of={card('dd')}", "bs=4M", "oflag=direct",
-                             "conv=fsync", "status=none"])
-        print(f"image: {image.name}, {size / 2**30:.2f} GiB; targets: loop devices, direct I/O")
-        print(f"piimage flash (write + read back):  {t_pi:7.1f} s  (write {w:.1f} s, read back {v:.1f} s)")
-        print(f"bmaptool copy (write):              {t_bmap:7.1f} s")
-        print(f"dd bs=4M oflag=direct (all of it):  {t_dd:7.1f} s")
-        print(f"ratio piimage write / bmaptool:     {w / t_bmap:7.2f}   (goal: within 1.10)")
-        print(f"ratio piimage in all / bmaptool:    {t_pi / t_bmap:7.2f}")
-        print(f"ratio piimage in all / dd:          {t_pi / t_dd:7.2f}")
+        figures["piimage flash, in all"].append(t)
+        figures["piimage flash, write"].append(w)
+        figures["piimage flash, read back"].append(v)
+
+    def bmaptool() -> None:
+        t, _ = run_timed(["bmaptool", "-q", "copy", "--bmap", f"{image}.bmap", str(image),
+                          card("bmaptool")])
+        figures["bmaptool copy (write)"].append(t)
+
+    def dd() -> None:
+        t, _ = run_timed(["dd", f"if={image}", f"of={card('dd')}", "bs=4M", "oflag=direct",
+                          "conv=fsync", "status=none"])
+        figures["dd bs=4M oflag=direct, all"].append(t)
+
+    figures: dict[str, list[float]] = {k: [] for k in (
+        "piimage flash, write", "piimage flash, read back", "piimage flash, in all",
+        "bmaptool copy (write)", "dd bs=4M oflag=direct, all")}
+    order = [piimage, bmaptool, dd]
+    try:
+        for i in range(repeat):
+            for step in order[i % 3:] + order[:i % 3]:
+                sh(["sync"])
+                step()
+                while devs:
+                    subprocess.run(["losetup", "-d", devs.pop()], check=False)
+        print(f"image: {image.name}, {size / 2**30:.2f} GiB; targets: loop devices, direct I/O; "
+              f"{repeat} rounds")
+        for name, ts in figures.items():
+            print(f"{name:<30} min {min(ts):6.2f} s  median {statistics.median(ts):6.2f} s  "
+                  f"({' '.join(f'{t:.2f}' for t in ts)})")
+        for a, b, goal in (("piimage flash, write", "bmaptool copy (write)", " (goal: within 1.10)"),
+                           ("piimage flash, in all", "bmaptool copy (write)", ""),
+                           ("piimage flash, in all", "dd bs=4M oflag=direct, all", "")):
+            ra = min(figures[a]) / min(figures[b])
+            rm = statistics.median(figures[a]) / statistics.median(figures[b])
+            print(f"ratio {a} / {b}: min {ra:.2f}, median {rm:.2f}{goal}")
     finally:
         for dev in devs:
             subprocess.run(["losetup", "-d", dev], check=False)

@@ -219,3 +219,21 @@ def test_a_cancelled_write_is_an_interrupt(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         flash.write_and_verify(image, bmap, str(card), cancelled=lambda: True)
     assert card.read_bytes()[: 1 << 20] == bytes(1 << 20)
+
+
+def test_an_image_that_ends_inside_a_block_is_written_whole(tmp_path, monkeypatch):
+    """Direct I/O takes whole blocks only: a piece that is not (the image's last bytes, cut
+    inside a block) is written through the page cache, and every byte still lands."""
+    import hashlib
+    import os
+
+    monkeypatch.setattr(flash, "CHUNK", 8192)
+    data = os.urandom(3 * 8192 + 1000)
+    image = tmp_path / "n.img"
+    image.write_bytes(data)
+    card = tmp_path / "card"
+    card.write_bytes(b"\xee" * (len(data) + 4096))
+    bmap = flash.BlockMap(4096, len(data), ((0, 6, hashlib.sha256(data).hexdigest()),), "sha256")
+    figures = flash.write_and_verify(image, bmap, str(card))
+    assert figures["bytes"] == len(data)
+    assert card.read_bytes()[: len(data)] == data
