@@ -290,7 +290,12 @@ def test_a_spawned_machine_dies_with_piimage(tmp_path):
     while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(pidfile.read_text())
-    assert Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sleep\0")
+    # the pid is setpriv's until it has set the signal and exec'd the machine: on a busy host
+    # that can come after spawn() returns, so wait for the exec (killing sooner tests nothing)
+    cmdline = Path(f"/proc/{child}/cmdline")
+    while not cmdline.read_bytes().startswith(b"sleep\0") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cmdline.read_bytes().startswith(b"sleep\0")
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
